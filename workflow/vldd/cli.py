@@ -1,0 +1,162 @@
+"""The `vldd` command: one subcommand per stage (the rule of the same name calls it).
+
+Stage settings come as JSON (`--config-json`, the config sections the stage reads, exactly
+as the Snakemake rule passes them in params), so a stage runs the same with or without
+Snakemake. Exit status: 0 done, 2 bad input (one message naming the file or key and the fix).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import VlddError
+
+
+def _json(text: str) -> dict:
+    if text.startswith("@"):
+        text = Path(text[1:]).read_text()
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise VlddError(f"--config-json is not valid JSON ({exc}).") from exc
+    if not isinstance(value, dict):
+        raise VlddError("--config-json must be a JSON object.")
+    return value
+
+
+def _need(cfg: dict, *keys):
+    for key in keys:
+        if key not in cfg:
+            raise VlddError(f"--config-json lacks the section '{key}'.")
+    return [cfg[k] for k in keys]
+
+
+def cmd_prepare_dataset(a, cfg):
+    from .data import prepare_dataset
+    (dataset,) = _need(cfg, "dataset")
+    prepare_dataset(dataset, a.out_dir)
+
+
+def cmd_embed_captions(a, cfg):
+    from .embed import embed_captions
+    (model,) = _need(cfg, "model")
+    embed_captions(a.data, model["text_encoder"], a.out, device=a.device)
+
+
+def cmd_train_expert(a, cfg):
+    from .experts import train_expert
+    model, experts = _need(cfg, "model", "experts")
+    train_expert(a.data, a.embeddings, model, experts, a.index, a.out, device=a.device)
+
+
+def cmd_distill(a, cfg):
+    from .distill import distill
+    model, dist = _need(cfg, "model", "distill")
+    distill(a.data, a.embeddings, a.experts, model, dist, a.budget, a.out, a.curve,
+            device=a.device)
+
+
+def cmd_select_coreset(a, cfg):
+    from .coreset import select_coreset
+    model, coresets = _need(cfg, "model", "coresets")
+    select_coreset(a.data, a.embeddings, model, a.kind, a.budget, int(coresets.get("seed", 0)),
+                   a.out)
+
+
+def cmd_evaluate(a, cfg):
+    from .evaluate import evaluate
+    model, ev = _need(cfg, "model", "evaluate")
+    evaluate(a.data, a.embeddings, a.pairs, model, ev, a.seed, a.out, dataset=a.dataset,
+             device=a.device)
+
+
+def cmd_train_full(a, cfg):
+    from .evaluate import train_full
+    model, full = _need(cfg, "model", "full")
+    train_full(a.data, a.embeddings, model, full, a.seed, a.out, dataset=a.dataset,
+               device=a.device)
+
+
+def cmd_summarize(a, cfg):
+    from .tables import summarize
+    summarize(a.inputs, a.out_parquet, a.out_md)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="vldd", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def stage(name, fn, help_):
+        s = sub.add_parser(name, help=help_)
+        s.set_defaults(fn=fn)
+        s.add_argument("--config-json", default="{}",
+                       help="the config sections of this stage as JSON (or @file.json)")
+        s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+        return s
+
+    s = stage("prepare-dataset", cmd_prepare_dataset, "images.h5 + captions.parquet from a source")
+    s.add_argument("--out-dir", required=True, type=Path)
+    s = stage("embed-captions", cmd_embed_captions, "frozen text encoder over every caption")
+    s.add_argument("--data", required=True, type=Path)
+    s.add_argument("--out", required=True, type=Path)
+    s = stage("train-expert", cmd_train_expert, "train one expert and record its trajectory")
+    s.add_argument("--data", required=True, type=Path)
+    s.add_argument("--embeddings", required=True, type=Path)
+    s.add_argument("--index", required=True, type=int)
+    s.add_argument("--out", required=True, type=Path)
+    s = stage("distill", cmd_distill, "bi-trajectory matching into a pair set")
+    s.add_argument("--data", required=True, type=Path)
+    s.add_argument("--embeddings", required=True, type=Path)
+    s.add_argument("--experts", required=True, type=Path, nargs="+")
+    s.add_argument("--budget", required=True, type=int)
+    s.add_argument("--out", required=True, type=Path)
+    s.add_argument("--curve", required=True, type=Path)
+    s = stage("select-coreset", cmd_select_coreset, "N real pairs chosen by a rule")
+    s.add_argument("--data", required=True, type=Path)
+    s.add_argument("--embeddings", required=True, type=Path)
+    s.add_argument("--kind", required=True)
+    s.add_argument("--budget", required=True, type=int)
+    s.add_argument("--out", required=True, type=Path)
+    s = stage("evaluate", cmd_evaluate, "train a fresh model on a pair set, test retrieval")
+    s.add_argument("--data", required=True, type=Path)
+    s.add_argument("--embeddings", required=True, type=Path)
+    s.add_argument("--pairs", required=True, type=Path)
+    s.add_argument("--seed", required=True, type=int)
+    s.add_argument("--dataset", default="")
+    s.add_argument("--out", required=True, type=Path)
+    s = stage("train-full", cmd_train_full, "the full-data upper bound")
+    s.add_argument("--data", required=True, type=Path)
+    s.add_argument("--embeddings", required=True, type=Path)
+    s.add_argument("--seed", required=True, type=int)
+    s.add_argument("--dataset", default="")
+    s.add_argument("--out", required=True, type=Path)
+    s = stage("summarize", cmd_summarize, "retrieval tables from evaluation Parquet files")
+    s.add_argument("--inputs", required=True, type=Path, nargs="+")
+    s.add_argument("--out-parquet", required=True, type=Path)
+    s.add_argument("--out-md", required=True, type=Path)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        if args.threads:
+            import torch
+            torch.set_num_threads(args.threads)
+        args.fn(args, _json(args.config_json))
+    except VlddError as exc:
+        print(f"vldd {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

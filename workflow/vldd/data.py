@@ -1,0 +1,337 @@
+"""The prepared data store (images.h5 + captions.parquet) and the sources that fill it.
+
+Sources: "synthetic" (procedural, vldd.synthetic), "karpathy" (one Karpathy-split JSON
+such as dataset_flickr30k.json) and "blip" (BLIP's per-split JSON files). Every source is
+reduced to one list of images, each with a split and its captions; images are stored in
+split order (train, val, test; file order within a split) at resolution x resolution.
+Annotations and image paths are checked before anything is written, and both output
+files appear together or not at all.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from . import io
+from .errors import VlddError
+
+SPLITS = ("train", "val", "test")
+SPLIT_CODE = {"train": 0, "val": 1, "test": 2, "restval": 0}  # restval is training data
+CAPTION_COLUMNS = ["caption_id", "image_index", "split", "caption", "raw"]
+CHUNK = 64  # images per HDF5 chunk and per decoding block
+
+
+def pre_caption(text: str, max_words: int = 30) -> str:
+    """BLIP's caption cleaning: lower-case, drop . ! " ( ) * # : ; ~, collapse spaces, cut."""
+    text = re.sub(r"[.!\"()*#:;~]", " ", str(text).lower())
+    words = text.split()
+    return " ".join(words[:max_words])
+
+
+@dataclass
+class _Item:
+    """One image to store: where it comes from, its split and raw captions."""
+    filename: str
+    split: str          # train / val / test
+    captions: list
+    where: str          # "annotation file: entry i", for error messages
+    path: Path | None = None  # None for synthetic images (already in memory)
+
+
+# ---------------------------------------------------------------- config helpers
+
+def _int(section: dict, key: str, where: str, minimum: int) -> int:
+    value = section.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise VlddError(f"config {where}.{key} = {value!r}: must be an integer >= {minimum}.")
+    return int(value)
+
+
+def _path(section: dict, key: str, where: str) -> Path:
+    value = section.get(key)
+    if not value:
+        raise VlddError(f"config {where}.{key} is not set: set it to the path of the "
+                        f"{'image folder' if key == 'image_root' else 'annotation file'} "
+                        "(relative paths are relative to the working directory).")
+    return Path(value)
+
+
+def _read_json(path: Path, key: str):
+    if not path.is_file():
+        raise VlddError(f"{path}: annotation file not found (config {key}). Download it or "
+                        "fix the path (relative paths are relative to the working directory).")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise VlddError(f"{path}: not valid JSON ({exc}). Re-download the annotation file "
+                        f"or point config {key} at the right one.") from exc
+
+
+def _str_field(entry, key: str, where: str, fix: str) -> str:
+    if not isinstance(entry, dict) or not isinstance(entry.get(key), str):
+        raise VlddError(f"{where}: no string field '{key}'. {fix}")
+    return entry[key]
+
+
+# ---------------------------------------------------------------- sources
+
+def _karpathy_items(section: dict) -> list[_Item]:
+    ann = _path(section, "annotations", "dataset.karpathy")
+    root = _path(section, "image_root", "dataset.karpathy")
+    data = _read_json(ann, "dataset.karpathy.annotations")
+    fix = ('A Karpathy split file looks like {"images": [{"filename", "filepath", "split", '
+           '"sentences": [{"raw"}]}]}; for BLIP per-split files use source: blip.')
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise VlddError(f"{ann}: no top-level 'images' list, so this is not a Karpathy split "
+                        f"file. {fix}")
+    items = []
+    for i, entry in enumerate(data["images"]):
+        where = f"{ann}: images[{i}]"
+        filename = _str_field(entry, "filename", where, fix)
+        split = entry.get("split")
+        if split not in SPLIT_CODE:
+            raise VlddError(f"{where} ({filename}): split is {split!r}, expected one of "
+                            "train, restval, val, test. Fix the entry.")
+        sentences = entry.get("sentences")
+        if not isinstance(sentences, list):
+            raise VlddError(f"{where} ({filename}): no 'sentences' list. {fix}")
+        raws = [_str_field(s, "raw", f"{where}.sentences[{j}]", fix)
+                for j, s in enumerate(sentences)]
+        rel = f"{entry['filepath']}/{filename}" if entry.get("filepath") else filename
+        items.append(_Item(rel, SPLITS[SPLIT_CODE[split]], raws, where, root / rel))
+    return items
+
+
+def _blip_items(section: dict) -> list[_Item]:
+    root = _path(section, "image_root", "dataset.blip")
+    items: list[_Item] = []
+    for split in SPLITS:
+        if split == "val" and not section.get("val"):
+            continue  # val is optional: the method never uses it
+        ann = _path(section, split, "dataset.blip")
+        data = _read_json(ann, f"dataset.blip.{split}")
+        if not isinstance(data, list):
+            raise VlddError(f"{ann}: expected a JSON list of entries (BLIP {split} format). "
+                            "For a Karpathy split file ({\"images\": [...]}) use source: "
+                            "karpathy.")
+        if split == "train":  # one entry per caption; images in order of first image_id
+            fix = 'BLIP train entries look like {"image": path, "caption": str, "image_id": str}.'
+            by_id: dict[str, _Item] = {}
+            for i, entry in enumerate(data):
+                where = f"{ann}: entry {i}"
+                image = _str_field(entry, "image", where, fix)
+                caption = _str_field(entry, "caption", where, fix)
+                if entry.get("image_id") is None:
+                    raise VlddError(f"{where}: no 'image_id'. {fix}")
+                item = by_id.setdefault(str(entry["image_id"]),
+                                        _Item(image, "train", [], where, root / image))
+                if item.filename != image:
+                    raise VlddError(f"{where}: image_id {entry['image_id']!r} names {image}, "
+                                    f"but {item.where} gave it {item.filename}. Fix one of them.")
+                item.captions.append(caption)
+            items.extend(by_id.values())
+        else:  # one entry per image with a list of captions
+            fix = f'BLIP {split} entries look like {{"image": path, "caption": [str, ...]}}.'
+            for i, entry in enumerate(data):
+                where = f"{ann}: entry {i}"
+                image = _str_field(entry, "image", where, fix)
+                caps = entry.get("caption")
+                if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
+                    raise VlddError(f"{where} ({image}): 'caption' must be a list of strings "
+                                    f"(is this a train file?). {fix}")
+                items.append(_Item(image, split, list(caps), where, root / image))
+    return items
+
+
+def _synthetic(section: dict, resolution: int):
+    from . import synthetic
+
+    where = "dataset.synthetic"
+    n_train = _int(section, "n_train", where, 1)
+    n_val = _int(section, "n_val", where, 0)
+    n_test = _int(section, "n_test", where, 1)
+    k = _int(section, "captions_per_image", where, 1)
+    seed = _int(section, "seed", where, 0)
+    images, captions, splits = synthetic.generate(n_train, n_val, n_test, k, resolution, seed)
+    items = [_Item(f"synthetic_{i:06d}", s, caps, f"synthetic image {i}")
+             for i, (caps, s) in enumerate(zip(captions, splits))]
+    return images, items
+
+
+def _load_image(item: _Item, resolution: int) -> np.ndarray:
+    try:
+        with Image.open(item.path) as im:
+            rgb = im.convert("RGB")
+            # The paper's test transform: plain bicubic resize to a square, no crop.
+            return np.asarray(rgb.resize((resolution, resolution), Image.BICUBIC), np.uint8)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise VlddError(f"{item.path}: unreadable or corrupt image ({exc}), named by "
+                        f"{item.where}. Replace the file or drop the entry.") from exc
+
+
+# ---------------------------------------------------------------- prepare
+
+def prepare_dataset(cfg: dict, out_dir) -> None:
+    """Write out_dir/images.h5 and out_dir/captions.parquet from the `dataset` config section."""
+    if not isinstance(cfg, dict):
+        raise VlddError("config 'dataset' must be a mapping with at least 'source'.")
+    source = cfg.get("source")
+    resolution = _int(cfg, "resolution", "dataset", 1)
+    max_words = _int({"max_words": cfg.get("max_words", 30)}, "max_words", "dataset", 1)
+    images = None
+    if source == "synthetic":
+        images, items = _synthetic(cfg.get("synthetic") or {}, resolution)
+    elif source == "karpathy":
+        items = _karpathy_items(cfg.get("karpathy") or {})
+    elif source == "blip":
+        items = _blip_items(cfg.get("blip") or {})
+    else:
+        raise VlddError(f"config dataset.source = {source!r}: unknown source. Use one of "
+                        "synthetic, karpathy, blip.")
+
+    # Everything checkable without decoding images is checked before any output exists.
+    order = sorted(range(len(items)), key=lambda i: SPLIT_CODE[items[i].split])  # stable
+    items = [items[i] for i in order]
+    for split in ("train", "test"):
+        if not any(it.split == split for it in items):
+            raise VlddError(f"dataset ({source}): no {split} images. Check the annotation "
+                            "file(s) and their split fields.")
+    for it in items:
+        if it.path is not None and not it.path.is_file():
+            raise VlddError(f"{it.path}: image file not found, named by {it.where}. Check "
+                            "image_root in the dataset config or download the images.")
+    rows = []
+    for idx, it in enumerate(items):
+        if not it.captions:
+            raise VlddError(f"{it.where} ({it.filename}): image has no captions. Add captions "
+                            "or drop the entry.")
+        for j, raw in enumerate(it.captions):
+            cap = pre_caption(raw, max_words)
+            if not cap:
+                raise VlddError(f"{it.where} ({it.filename}): caption {j} is empty after "
+                                f"preprocessing (raw {raw!r}). Fix or remove that caption.")
+            rows.append((idx, it.split, cap, raw))
+    table = pd.DataFrame(rows, columns=CAPTION_COLUMNS[1:])
+    table.insert(0, "caption_id", np.arange(len(table), dtype=np.int64))
+    table["image_index"] = table["image_index"].astype(np.int64)
+
+    if images is not None:
+        images = images[order]
+        load = lambda i: images[i]  # noqa: E731
+    else:
+        load = lambda i: _load_image(items[i], resolution)  # noqa: E731
+    n = len(items)
+    prov = io.provenance("images", cfg, source=source, resolution=resolution)
+    out_dir = Path(out_dir)
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Both files are written into a private staging folder and moved in at the end, so
+    # a failure at any point (a corrupt image, a full disk) leaves neither behind.
+    stage = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out_dir))
+    done = False
+    try:
+        with io.h5_writer(stage / "images.h5", prov) as f, \
+                ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            # Streamed block by block (a full COCO does not fit in memory), so this one
+            # dataset is made directly, with h5_dataset's track_times=False.
+            dset = f.create_dataset("images", shape=(n, resolution, resolution, 3),
+                                    dtype=np.uint8, chunks=(min(CHUNK, n), resolution,
+                                                            resolution, 3), track_times=False)
+            for start in range(0, n, CHUNK):
+                block = list(pool.map(load, range(start, min(n, start + CHUNK))))
+                dset[start:start + len(block)] = np.stack(block)
+            io.h5_dataset(f, "split", np.array([SPLIT_CODE[it.split] for it in items], np.uint8))
+            io.h5_dataset(f, "filename", io.as_str_array([it.filename for it in items]))
+        io.write_parquet(table, stage / "captions.parquet",
+                         meta=io.provenance("captions", cfg, source=source,
+                                            resolution=resolution))
+        os.replace(stage / "images.h5", out_dir / "images.h5")
+        try:
+            os.replace(stage / "captions.parquet", out_dir / "captions.parquet")
+        except BaseException:
+            (out_dir / "images.h5").unlink(missing_ok=True)
+            raise
+        done = True
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        if not done and created and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+
+
+# ---------------------------------------------------------------- load
+
+@dataclass
+class Prepared:
+    """A prepared dataset held in memory."""
+    images: np.ndarray        # uint8 [N, H, W, 3]
+    image_split: np.ndarray   # str per image: train / val / test
+    captions: pd.DataFrame    # CAPTION_COLUMNS, ordered by image then caption
+    filenames: np.ndarray = field(default_factory=lambda: np.array([], dtype=object))
+
+    def split_images(self, split: str) -> np.ndarray:
+        """Indices (ascending) of the images of `split`; empty if the split has none."""
+        if split not in SPLITS:
+            raise VlddError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}.")
+        return np.flatnonzero(self.image_split == split).astype(np.int64)
+
+    def split_captions(self, split: str) -> pd.DataFrame:
+        if split not in SPLITS:
+            raise VlddError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}.")
+        return self.captions[self.captions["split"] == split].reset_index(drop=True)
+
+    def retrieval_maps(self, split: str):
+        """(image_indices, caption_ids, txt2img): txt2img[t] is the position within
+        image_indices of the image of the split's t-th caption."""
+        image_indices = self.split_images(split)
+        caps = self.split_captions(split)
+        caption_ids = caps["caption_id"].to_numpy(np.int64)
+        txt2img = np.searchsorted(image_indices, caps["image_index"].to_numpy(np.int64))
+        return image_indices, caption_ids, txt2img.astype(np.int64)
+
+
+def load_prepared(data_dir) -> Prepared:
+    """Read a store written by prepare_dataset, checking that its two files belong together."""
+    data_dir = Path(data_dir)
+    h5_path, cap_path = data_dir / "images.h5", data_dir / "captions.parquet"
+    fix = "Delete the data folder and rerun the prepare stage."
+    with io.open_h5(h5_path, expected_schema="images") as f:
+        try:
+            images = f["images"][:]
+            codes = f["split"][:]
+            filenames = np.asarray(f["filename"].asstr()[:], dtype=object)
+        except (KeyError, OSError, TypeError) as exc:
+            raise VlddError(f"{h5_path}: missing or damaged dataset ({exc}). {fix}") from exc
+        images_hash = f.attrs.get("config_sha256", "")
+    n = len(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3 \
+            or codes.shape != (n,) or filenames.shape != (n,) or codes.max(initial=0) > 2:
+        raise VlddError(f"{h5_path}: images/split/filename do not match the vldd layout. {fix}")
+    if not cap_path.is_file():
+        raise VlddError(f"{cap_path}: file not found. {fix}")
+    try:
+        captions = pd.read_parquet(cap_path)
+        meta = io.read_parquet_meta(cap_path)
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise VlddError(f"{cap_path}: not a readable Parquet file ({exc}). {fix}") from exc
+    if list(captions.columns) != CAPTION_COLUMNS:
+        raise VlddError(f"{cap_path}: columns {list(captions.columns)}, expected "
+                        f"{CAPTION_COLUMNS}. {fix}")
+    if meta.get("config_sha256") != images_hash:
+        raise VlddError(f"{cap_path} and {h5_path} come from different prepare runs. {fix}")
+    image_split = np.array(SPLITS)[codes]
+    idx = captions["image_index"].to_numpy(np.int64)
+    if len(idx) and (idx.min() < 0 or idx.max() >= n
+                     or (image_split[idx] != captions["split"].to_numpy()).any()):
+        raise VlddError(f"{cap_path}: image_index/split disagree with {h5_path}. {fix}")
+    return Prepared(images, image_split, captions, filenames)

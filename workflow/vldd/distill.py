@@ -1,0 +1,276 @@
+"""distill: bi-trajectory matching (Wu et al., TMLR 2024) with an exact unrolled meta-gradient.
+
+Each iteration starts a student at an expert's parameters theta*_s, takes `syn_steps` SGD
+steps on mini-batches of the distilled pairs with the learnable lrs, keeping the graph, and
+measures how close it lands to theta*_{s+R}:
+
+    L = |theta_img - theta*_img,s+R|^2 / |theta*_img,s - theta*_img,s+R|^2  + (same for text)
+
+L is backpropagated exactly through all steps into the pixels, the text embeddings and the
+lrs. The student is one module evaluated with torch.func.functional_call on flat parameter
+vectors; the frozen image trunk runs once per iteration on the distilled pixels.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.func import functional_call
+
+from .coreset import random_pairs, real_pairs
+from .data import load_prepared
+from .embed import load_embeddings
+from .encoders import contrastive_loss
+from .errors import VlddError
+from .io import atomic_path, h5_dataset, h5_writer, open_h5, provenance, write_parquet, config_hash
+from .model import build_model, logit_scale, resolve_device
+from .pairset import PairSet, write_pairset
+from .train import train_mode
+from .trajectory import Trajectory
+
+log = logging.getLogger(__name__)
+
+# Noise initialisation statistics of the seed code (normalised pixels, BERT [CLS] space).
+NOISE_IMAGE = ((-0.0626, -0.0221, 0.0680), (1.0451, 1.0752, 1.0539))
+
+
+def unroll(model, layouts, theta0: dict, feats, texts, lr_img, lr_txt, *, syn_steps, mini_batch,
+           scale, gen):
+    """syn_steps differentiable SGD steps from theta0 on (feats, texts); returns the end point.
+
+    feats are trunk features of the distilled images (a function of the pixels), texts the
+    distilled sentence embeddings. Every step keeps its graph (create_graph=True), so the end
+    point is an exact differentiable function of pixels, texts and lrs.
+    """
+    th_i = theta0["image"].clone().requires_grad_(True)
+    th_t = theta0["text"].clone().requires_grad_(True)
+    n = len(texts)
+    for _ in range(syn_steps):
+        idx = torch.randperm(n, generator=gen)[:mini_batch].to(texts.device)
+        img_f = functional_call(model.tail, layouts["image"].unflatten(th_i), (feats[idx],))
+        txt_f = functional_call(model.head, layouts["text"].unflatten(th_t), (texts[idx],))
+        loss = contrastive_loss(img_f, txt_f, scale)
+        g_i, g_t = torch.autograd.grad(loss, [th_i, th_t], create_graph=True, allow_unused=True)
+        if g_i is not None:
+            th_i = th_i - lr_img * g_i
+        th_t = th_t - lr_txt * g_t
+    return {"image": th_i, "text": th_t}
+
+
+def matching_loss(end: dict, start: dict, target: dict):
+    """Sum over encoders of |end - target|^2 / |start - target|^2 (empty encoders skipped)."""
+    total = 0.0
+    for group in ("image", "text"):
+        if end[group].numel() == 0:
+            continue
+        num = (end[group] - target[group]).pow(2).sum()
+        den = (start[group] - target[group]).pow(2).sum()
+        total = total + num / den
+    return total
+
+
+def _check_schedule(cfg, n_epochs, path):
+    need = int(cfg["max_start_epoch"]) - 1 + int(cfg["expert_epochs"])
+    if need > n_epochs:
+        raise VlddError(f"{path}: has {n_epochs} epochs, but distill.max_start_epoch "
+                        f"({cfg['max_start_epoch']}) - 1 + distill.expert_epochs "
+                        f"({cfg['expert_epochs']}) = {need}. Train longer experts or lower them.")
+
+
+class Distiller:
+    """The state of one distillation run: data, lrs, optimisers, rngs; checkpointable."""
+
+    def __init__(self, data_dir, embeddings_path, expert_paths, model_cfg, cfg, budget, device):
+        self.cfg, self.model_cfg, self.budget = cfg, model_cfg, int(budget)
+        self.dev = resolve_device(device)
+        seed = int(cfg.get("seed", 0))
+        prepared = load_prepared(data_dir)
+        emb = load_embeddings(embeddings_path, data_dir)
+        self.model = build_model(model_cfg, emb.shape[1], seed).to(self.dev)
+        self.layouts = self.model.layouts()
+        if not expert_paths:
+            raise VlddError("distill needs at least one expert trajectory (experts.count >= 1).")
+        self.experts = [Trajectory(p) for p in expert_paths]
+        for t in self.experts:
+            for group in ("image", "text"):
+                t.check_layout(group, self.layouts[group])
+            _check_schedule(cfg, t.n_epochs, t.path)
+        tower = self.model.tower
+        self.mean, self.std = tower.mean, tower.std
+        ids = random_pairs(prepared, self.budget, seed, where="distill budget")
+        images, texts = real_pairs(prepared, emb, ids, tower.mean, tower.std)
+        init = cfg.get("init", {"image": "real", "text": "real"})
+        g = torch.Generator().manual_seed(seed)
+        images = torch.as_tensor(images)
+        texts = torch.as_tensor(texts)
+        if init.get("image", "real") == "noise":
+            m = torch.tensor(NOISE_IMAGE[0]).view(1, 3, 1, 1)
+            s = torch.tensor(NOISE_IMAGE[1]).view(1, 3, 1, 1)
+            images = torch.randn(images.shape, generator=g) * s + m
+            ids = np.full_like(ids, -1)
+        if init.get("text", "real") == "noise":
+            texts = torch.randn(texts.shape, generator=g) * texts.std() + texts.mean()
+        self.caption_ids = ids
+        self.init_images, self.init_texts = images.clone(), texts.clone()
+        self.images = images.to(self.dev).requires_grad_(True)
+        self.texts = texts.to(self.dev).requires_grad_(True)
+        lr0 = float(cfg["lr_init"])
+        self.lr_img = torch.tensor(lr0, device=self.dev, requires_grad=True)
+        self.lr_txt = torch.tensor(lr0, device=self.dev, requires_grad=True)
+        mom = float(cfg.get("momentum", 0.5))
+        self.opt_img = torch.optim.SGD([self.images], lr=float(cfg["lr_image"]), momentum=mom)
+        self.opt_txt = torch.optim.SGD([self.texts], lr=float(cfg["lr_text"]), momentum=mom)
+        self.opt_lr = torch.optim.SGD([self.lr_img, self.lr_txt], lr=float(cfg["lr_lr"]),
+                                      momentum=mom)
+        self.learn = {"image": cfg.get("learn_images", True), "text": cfg.get("learn_texts", True)}
+        self.rng = np.random.default_rng(seed)
+        self.gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)  # dropout inside the unroll
+        self.order = []
+        self.iteration = 0
+        self.curve = []
+
+    def _next_expert(self):
+        if not self.order:
+            self.order = list(self.rng.permutation(len(self.experts)))
+        return int(self.order.pop(0))
+
+    def step(self):
+        cfg = self.cfg
+        e = self._next_expert()
+        start = int(self.rng.integers(0, int(cfg["max_start_epoch"])))
+        target_epoch = start + int(cfg["expert_epochs"])
+        traj = self.experts[e]
+        theta0 = {g: traj.params(g, start).to(self.dev) for g in ("image", "text")}
+        target = {g: traj.params(g, target_epoch).to(self.dev) for g in ("image", "text")}
+        train_mode(self.model)
+        feats = self.model.tower.trunk(self.images)
+        end = unroll(self.model, self.layouts, theta0, feats, self.texts, self.lr_img,
+                     self.lr_txt, syn_steps=int(cfg["syn_steps"]),
+                     mini_batch=int(cfg["mini_batch"]),
+                     scale=logit_scale(self.model_cfg, inner_loop=True), gen=self.gen)
+        loss = matching_loss(end, theta0, target)
+        value = float(loss.detach())
+        if not np.isfinite(value):
+            raise VlddError(
+                f"distillation diverged at iteration {self.iteration}: matching loss {value}, "
+                f"lr_image {float(self.lr_img):.4g}, lr_text {float(self.lr_txt):.4g}. Lower "
+                "distill.lr_image / lr_text / lr_lr, or syn_steps. The last checkpoint is kept.")
+        for opt in (self.opt_img, self.opt_txt, self.opt_lr):
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.learn["image"]:
+            self.opt_img.step()
+        if self.learn["text"]:
+            self.opt_txt.step()
+        if self.cfg.get("learn_lr", True):
+            self.opt_lr.step()
+        self.curve.append((self.iteration, value, float(self.lr_img), float(self.lr_txt), e, start))
+        self.iteration += 1
+        return value
+
+    # -- checkpoints: everything needed to continue bit for bit
+
+    def _state(self):
+        return {
+            "images": self.images.detach().cpu().numpy(), "texts": self.texts.detach().cpu().numpy(),
+            "lrs": np.array([float(self.lr_img), float(self.lr_txt)]),
+            "iteration": self.iteration, "order": self.order, "curve": self.curve,
+            "rng": self.rng.bit_generator.state, "gen": self.gen.get_state().numpy(),
+            "torch_rng": torch.get_rng_state().numpy(),
+            "opt": [o.state_dict() for o in (self.opt_img, self.opt_txt, self.opt_lr)],
+        }
+
+    def save_checkpoint(self, path, key):
+        s = self._state()
+        with h5_writer(path, {"schema": "vldd/checkpoint", "key": key,
+                              "iteration": s["iteration"]}) as f:
+            for name in ("images", "texts", "lrs", "gen", "torch_rng"):
+                h5_dataset(f, name, s[name])
+            for i, st in enumerate(s["opt"]):
+                for j, buf in enumerate(st["state"].values()):
+                    if buf.get("momentum_buffer") is not None:
+                        h5_dataset(f, f"momentum/{i}_{j}", buf["momentum_buffer"].cpu().numpy())
+            f.attrs["meta"] = json.dumps({"order": [int(x) for x in s["order"]],
+                                          "curve": s["curve"], "rng": s["rng"]})
+
+    def load_checkpoint(self, path, key) -> bool:
+        path = Path(path)
+        if not path.exists():
+            return False
+        try:
+            f = open_h5(path, "checkpoint")
+        except VlddError as exc:
+            log.warning("ignoring unreadable checkpoint: %s", exc)
+            return False
+        with f:
+            if f.attrs.get("key") != key:
+                log.warning("checkpoint %s is from another configuration; starting afresh", path)
+                return False
+            with torch.no_grad():
+                self.images.copy_(torch.as_tensor(f["images"][()]))
+                self.texts.copy_(torch.as_tensor(f["texts"][()]))
+                self.lr_img.fill_(float(f["lrs"][0]))
+                self.lr_txt.fill_(float(f["lrs"][1]))
+            self.gen.set_state(torch.as_tensor(f["gen"][()]))
+            torch.set_rng_state(torch.as_tensor(f["torch_rng"][()]))
+            meta = json.loads(f.attrs["meta"])
+            self.order = list(meta["order"])
+            self.curve = [tuple(c) for c in meta["curve"]]
+            self.rng.bit_generator.state = meta["rng"]
+            self.iteration = int(f.attrs["iteration"])
+            for i, opt in enumerate((self.opt_img, self.opt_txt, self.opt_lr)):
+                params = opt.param_groups[0]["params"]
+                for j, p in enumerate(params):
+                    name = f"momentum/{i}_{j}"
+                    if name in f:
+                        opt.state[p]["momentum_buffer"] = torch.as_tensor(f[name][()]).to(self.dev)
+        log.info("resumed from %s at iteration %d", path, self.iteration)
+        return True
+
+    def pairset(self):
+        return PairSet(self.images.detach().cpu().numpy(), self.texts.detach().cpu().numpy(),
+                       self.caption_ids, kind="distilled", method=self.cfg.get("method", "mtt"),
+                       mean=self.mean, std=self.std, lr_image=float(self.lr_img),
+                       lr_text=float(self.lr_txt), init_images=self.init_images.numpy(),
+                       init_texts=self.init_texts.numpy())
+
+    def curve_frame(self):
+        return pd.DataFrame(self.curve, columns=["iteration", "matching_loss", "lr_image",
+                                                 "lr_text", "expert", "start_epoch"])
+
+
+def distill(data_dir, embeddings_path, expert_paths, model_cfg, cfg, budget, out_pairs,
+            out_curve, checkpoint=None, device="auto"):
+    """Run (or resume) a distillation and write the pair set and the loss/lr curve."""
+    from tqdm import tqdm
+
+    section = {"model": model_cfg, "distill": cfg, "budget": int(budget),
+               "experts": [str(p) for p in expert_paths]}
+    key = config_hash(section)
+    d = Distiller(data_dir, embeddings_path, expert_paths, model_cfg, cfg, budget, device)
+    checkpoint = Path(checkpoint) if checkpoint else Path(str(out_pairs) + ".ckpt.h5")
+    d.load_checkpoint(checkpoint, key)
+    every = int(cfg.get("checkpoint_every", 0))
+    iterations = int(cfg["iterations"])
+    with tqdm(total=iterations, initial=d.iteration, desc="distill", unit="it") as bar:
+        while d.iteration < iterations:
+            loss = d.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr_img=f"{float(d.lr_img):.3g}",
+                            lr_txt=f"{float(d.lr_txt):.3g}")
+            if every and d.iteration % every == 0 and d.iteration < iterations:
+                d.save_checkpoint(checkpoint, key)
+    prov = provenance("pairset", section, seed=int(cfg.get("seed", 0)),
+                      image_encoder=model_cfg["image_encoder"],
+                      text_encoder=model_cfg["text_encoder"])
+    write_pairset(out_pairs, d.pairset(), prov)
+    write_parquet(d.curve_frame(), out_curve, meta=prov)
+    for t in d.experts:
+        t.close()
+    if checkpoint.exists():
+        checkpoint.unlink()

@@ -1,0 +1,56 @@
+"""embed_captions: the frozen text encoder over every caption, cached in HDF5.
+
+Layout: /embeddings float32 [n_captions, dim] in caption_id order; root attrs: provenance
+with the encoder spec and `captions_sha256`, the hash of the captions file it was computed
+from. Readers check that hash, so a changed caption file is never served a stale cache.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from tqdm import tqdm
+
+from .encoders import build_text_encoder, embed_texts
+from .errors import VlddError
+from .io import h5_dataset, h5_writer, open_h5, provenance, sha256_file
+from .model import resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def embed_captions(data_dir, text_cfg: dict, out_path, device="auto", batch_size=256):
+    from pathlib import Path
+
+    import pandas as pd
+
+    captions_path = Path(data_dir) / "captions.parquet"
+    if not captions_path.exists():
+        raise VlddError(f"{captions_path}: not found. Run prepare_dataset first.")
+    captions = pd.read_parquet(captions_path)
+    tower = build_text_encoder(text_cfg)
+    dev = resolve_device(device)
+    with tqdm(total=len(captions), desc="embed_captions", unit="caption") as bar:
+        emb = embed_texts(tower, captions["caption"].tolist(), batch_size, dev, bar.update)
+    attrs = provenance("embeddings", text_cfg, captions_sha256=sha256_file(captions_path),
+                       n_captions=len(captions), dim=int(emb.shape[1]))
+    with h5_writer(out_path, attrs) as f:
+        h5_dataset(f, "embeddings", emb)
+    log.info("embedded %d captions into %s (dim %d)", len(captions), out_path, emb.shape[1])
+
+
+def load_embeddings(path, data_dir) -> np.ndarray:
+    """The cached embeddings, after checking that they belong to this caption file."""
+    from pathlib import Path
+
+    captions_path = Path(data_dir) / "captions.parquet"
+    with open_h5(path, "embeddings") as f:
+        want = sha256_file(captions_path)
+        if f.attrs.get("captions_sha256") != want:
+            raise VlddError(f"{path}: computed from another captions file than {captions_path} "
+                            "(stale cache). Delete it and rerun embed_captions.")
+        try:
+            return f["embeddings"][()]
+        except (KeyError, OSError) as exc:
+            raise VlddError(f"{path}: damaged embeddings ({exc}). Delete it and rerun "
+                            "embed_captions.") from exc

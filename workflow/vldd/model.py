@@ -1,0 +1,87 @@
+"""The dual encoder: image tower (frozen trunk + trainable tail) and text head over cached
+sentence embeddings. Training and distillation see only the tail and the head."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .encoders import ImageTower, TextHead, build_image_encoder, to_model_input
+from .trajectory import ParamLayout
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def logit_scale(model_cfg: dict, inner_loop: bool = False) -> float:
+    """1/T; the seed code's inner loop used log(1/T) instead (a switch, off by default)."""
+    scale = 1.0 / model_cfg.get("temperature", 0.07)
+    if inner_loop and model_cfg.get("quirk_inner_log_scale", False):
+        return math.log(scale)
+    return scale
+
+
+@dataclass
+class DualEncoder:
+    tower: ImageTower
+    head: TextHead
+
+    @property
+    def tail(self):
+        return self.tower.tail
+
+    def layouts(self):
+        return {"image": ParamLayout.of(self.tower.tail), "text": ParamLayout.of(self.head)}
+
+    def to(self, device):
+        self.tower.trunk.to(device)
+        self.tower.tail.to(device)
+        self.head.to(device)
+        return self
+
+
+def build_model(model_cfg: dict, text_dim: int, seed: int) -> DualEncoder:
+    """A fresh student: pretrained image tower, text head initialised from `seed`."""
+    tower = build_image_encoder(model_cfg["image_encoder"])
+    torch.manual_seed(seed)
+    head = TextHead(text_dim, tower.num_features, model_cfg.get("head_dropout", 0.1))
+    return DualEncoder(tower, head)
+
+
+@torch.no_grad()
+def trunk_features(tower: ImageTower, images, device, batch_size=256, normalized=False):
+    """Trunk output for a stack of images (uint8 NHWC, or normalised float NCHW)."""
+    out = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        x = chunk if normalized else to_model_input(chunk, tower.mean, tower.std)
+        out.append(tower.trunk(torch.as_tensor(x).to(device)).float())
+    if not out:
+        return torch.zeros(0)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def embed_pairs(model: DualEncoder, img_feats, texts, batch_size=512):
+    """L2-normalised joint-space features of trunk features and sentence embeddings."""
+    import torch.nn.functional as F
+
+    model.tail.eval()
+    model.head.eval()
+    img = torch.cat([model.tail(img_feats[i:i + batch_size])
+                     for i in range(0, len(img_feats), batch_size)])
+    txt = torch.cat([model.head(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)])
+    return F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1)
+
+
+def retrieval(model: DualEncoder, img_feats, texts, txt2img) -> dict:
+    from .metrics import recall
+
+    img, txt = embed_pairs(model, img_feats, texts)
+    return recall((img @ txt.t()).cpu().numpy(), np.asarray(txt2img))

@@ -1,0 +1,72 @@
+"""The one training loop: experts, evaluation on pair sets and full-data training."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .encoders import contrastive_loss
+from .model import DualEncoder
+
+
+def train_mode(model: DualEncoder):
+    """Dropout on, BatchNorm frozen on its running statistics (never batch statistics), so
+    training follows the same function that the distillation unroll differentiates."""
+    model.tail.train()
+    model.head.train()
+    for m in model.tail.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def train_contrastive(model: DualEncoder, img_feats, texts, pair_img, pair_txt, *, epochs,
+                      lr_image, lr_text, momentum, weight_decay, batch_size, logit_scale, seed,
+                      per_image=False, on_epoch_end=None, on_batch=None):
+    """SGD on the symmetric InfoNCE loss over (image, text) pairs.
+
+    img_feats: trunk features [n_img, ...]; texts: sentence embeddings [n_txt, d];
+    pair_img / pair_txt: LongTensor [n_pairs] indexing them. One epoch visits every pair once
+    in a random order from `seed`; with per_image, an epoch visits every image once, each with
+    one of its pairs drawn at random (an epoch of images rather than of captions). on_epoch_end(epoch, mean_loss) runs after each epoch
+    (epoch counts from 1); on_batch(pair_ids, img_f, txt_f) sees each batch's features.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout in the head
+    groups = []
+    tail_params = [p for p in model.tail.parameters() if p.requires_grad]
+    if tail_params:
+        groups.append({"params": tail_params, "lr": lr_image})
+    groups.append({"params": list(model.head.parameters()), "lr": lr_text})
+    opt = torch.optim.SGD(groups, momentum=momentum, weight_decay=weight_decay)
+    n = len(pair_img)
+    pair_img = torch.as_tensor(pair_img)
+    for epoch in range(1, epochs + 1):
+        train_mode(model)
+        order = torch.randperm(n, generator=gen)
+        if per_image:
+            _, first = np.unique(pair_img[order].numpy(), return_index=True)
+            chosen = order[torch.as_tensor(first)]
+            order = chosen[torch.randperm(len(chosen), generator=gen)]
+        losses = []
+        for start in range(0, len(order), batch_size):
+            ids = order[start:start + batch_size]
+            if len(ids) < 2:  # InfoNCE needs a negative
+                continue
+            img_f = model.tail(img_feats[pair_img[ids]])
+            txt_f = model.head(texts[pair_txt[ids]])
+            loss = contrastive_loss(img_f, txt_f, logit_scale)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+            if on_batch is not None:
+                on_batch(ids, img_f.detach(), txt_f.detach())
+        mean_loss = float(torch.stack(losses).mean()) if losses else float("nan")
+        if not np.isfinite(mean_loss):
+            from .errors import VlddError
+            raise VlddError(f"training diverged at epoch {epoch} (loss {mean_loss}); lower the "
+                            f"learning rates (image {lr_image}, text {lr_text}).")
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, mean_loss)
+    model.tail.eval()
+    model.head.eval()
+    return model

@@ -1,0 +1,120 @@
+"""The expert trajectory store (HDF5, schema vldd/trajectory).
+
+Layout::
+
+    /                attrs: provenance (schema, versions, config hash, seed, encoder specs),
+                            n_epochs, lr_image, lr_text
+    /image/params    float32 [n_epochs + 1, n_image_params]   one chunk row per epoch
+    /image/names     str [k]      parameter names, in module order
+    /image/shapes    str [k]      JSON shape of each parameter
+    /text/...        the same for the text head
+    /metrics/loss    float64 [n_epochs]   mean training loss per epoch
+    /metrics/val     float64 [n_epochs, 6] val TR/IR@1/5/10 after each epoch (NaN: no val split)
+
+Row 0 is the model before training, row e the model after epoch e. The rows are written as
+training goes, so a partial file can resume; the file is renamed into place when complete.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+import torch
+
+from .errors import VlddError
+from .io import h5_dataset, open_h5
+
+GROUPS = ("image", "text")
+
+
+def flatten(params) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in params]).float().cpu()
+
+
+@dataclass
+class ParamLayout:
+    names: list
+    shapes: list
+
+    @classmethod
+    def of(cls, module):
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        return cls([n for n, _ in named], [tuple(p.shape) for _, p in named])
+
+    @property
+    def numels(self):
+        return [int(np.prod(s)) if s else 1 for s in self.shapes]
+
+    @property
+    def size(self):
+        return sum(self.numels)
+
+    def unflatten(self, flat: torch.Tensor) -> dict:
+        """Views of a flat vector, one per named parameter (differentiable)."""
+        return {n: chunk.view(s) for n, chunk, s in
+                zip(self.names, torch.split(flat, self.numels), self.shapes)}
+
+
+def create(f: h5py.File, layouts: dict, n_epochs: int):
+    """Create the empty datasets in an open file; rows are filled by write_row."""
+    for group in GROUPS:
+        layout = layouts[group]
+        g = f.create_group(group, track_order=True)
+        g.create_dataset("params", shape=(n_epochs + 1, layout.size), dtype="float32",
+                         chunks=(1, min(layout.size, 1 << 18)), track_times=False)
+        h5_dataset(g, "names", np.array(layout.names, dtype=h5py.string_dtype()))
+        h5_dataset(g, "shapes", np.array([json.dumps(list(s)) for s in layout.shapes],
+                                         dtype=h5py.string_dtype()))
+    m = f.create_group("metrics", track_order=True)
+    m.create_dataset("loss", data=np.full(n_epochs, np.nan), track_times=False)
+    m.create_dataset("val", data=np.full((n_epochs, 6), np.nan), track_times=False)
+
+
+def write_row(f: h5py.File, epoch: int, flats: dict):
+    for group in GROUPS:
+        f[group]["params"][epoch] = flats[group].numpy()
+
+
+class Trajectory:
+    """Read access to one expert; rows are read on demand (one epoch = one chunk row)."""
+
+    def __init__(self, path):
+        self.path = path
+        self.file = open_h5(path, "trajectory")
+        try:
+            self.n_epochs = int(self.file.attrs["n_epochs"])
+            self.layouts = {}
+            for group in GROUPS:
+                g = self.file[group]
+                names = [n.decode() if isinstance(n, bytes) else n for n in g["names"][()]]
+                shapes = [tuple(json.loads(s)) for s in g["shapes"].asstr()[()]]
+                self.layouts[group] = ParamLayout(names, shapes)
+                if g["params"].shape != (self.n_epochs + 1, self.layouts[group].size):
+                    raise KeyError(f"{group}/params has shape {g['params'].shape}")
+        except (KeyError, ValueError, OSError) as exc:
+            self.file.close()
+            raise VlddError(f"{path}: incomplete or damaged trajectory ({exc}). Delete it and "
+                            "rerun train_expert.") from exc
+        self.attrs = dict(self.file.attrs)
+
+    def params(self, group: str, epoch: int) -> torch.Tensor:
+        if not 0 <= epoch <= self.n_epochs:
+            raise VlddError(f"{self.path}: epoch {epoch} not recorded (0..{self.n_epochs}).")
+        try:
+            return torch.from_numpy(self.file[group]["params"][epoch])
+        except OSError as exc:
+            raise VlddError(f"{self.path}: cannot read epoch {epoch} of {group} ({exc}). "
+                            "The file is truncated: delete it and rerun train_expert.") from exc
+
+    def check_layout(self, group: str, layout: ParamLayout):
+        mine = self.layouts[group]
+        if mine.names != layout.names or mine.shapes != layout.shapes:
+            raise VlddError(
+                f"{self.path}: the {group} parameters of this expert ({len(mine.names)} tensors) "
+                f"do not match the student model ({len(layout.names)} tensors). The expert was "
+                "trained with another model; rerun train_expert with the current config.")
+
+    def close(self):
+        self.file.close()
