@@ -169,6 +169,11 @@ class Distiller:
             self.opt_txt.step()
         if self.cfg.get("learn_lr", True):
             self.opt_lr.step()
+            lr_min = cfg.get("lr_min")
+            if lr_min is not None:  # the seed code lets lrs go negative; a floor keeps them usable
+                with torch.no_grad():
+                    self.lr_img.clamp_(min=float(lr_min))
+                    self.lr_txt.clamp_(min=float(lr_min))
         self.curve.append((self.iteration, value, float(self.lr_img), float(self.lr_txt), e, start))
         self.iteration += 1
         return value

@@ -28,7 +28,9 @@ def retrieval_ranks(scores: np.ndarray, txt2img: np.ndarray):
     # TR: best score among an image's own captions, against every other caption.
     best_own = np.where(own, scores, -np.inf).max(axis=1)
     tr_rank = (np.where(own, -np.inf, scores) >= best_own[:, None]).sum(axis=1)
-    tr_rank[~own.any(axis=1)] = n_txt  # an image without captions is never retrieved
+    # An image without captions is never retrieved: a rank no K reaches (n_txt would
+    # count as a hit for every K > n_txt, e.g. TR@10 on a set of fewer than 10 captions).
+    tr_rank[~own.any(axis=1)] = np.iinfo(tr_rank.dtype).max
     # IR: the caption's own image against every other image.
     right = scores[txt2img, np.arange(n_txt)]
     ir_rank = (np.where(own, -np.inf, scores) >= right[None, :]).sum(axis=0)

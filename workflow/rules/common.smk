@@ -1,0 +1,102 @@
+# Configuration, paths and the few helpers the rules share. Rules hold no logic.
+
+import json
+import re
+from pathlib import Path
+from shlex import quote as shlex_quote
+
+from snakemake.utils import validate
+
+
+validate(config, schema="../schemas/config.schema.yaml")
+
+DATASET = config["dataset"]["name"]
+MODEL = config["model"]["name"]
+TEXT = re.sub(r"[^A-Za-z0-9_.-]+", "_", config["model"]["text_encoder"]["name"])
+EXPERTS = list(range(config["experts"]["count"]))
+BUDGETS = config["distill"]["budgets"]
+METHOD = config["distill"]["method"]
+KINDS = config["coresets"]["kinds"]
+SEEDS = config["evaluate"]["seeds"]
+
+# The package runs from this checkout, inside whatever Python the job has (a venv or the
+# conda env of the rule), so no install of vldd itself is needed.
+shell.prefix(
+    "export PYTHONPATH="
+    + shlex_quote(str(Path(workflow.basedir) / "workflow"))
+    + "${{PYTHONPATH:+:$PYTHONPATH}}; "
+)
+
+
+wildcard_constraints:
+    dataset=r"[A-Za-z0-9_.-]+",
+    model=r"[A-Za-z0-9_.-]+",
+    text=r"[A-Za-z0-9_.-]+",
+    i=r"\d+",
+    n=r"\d+",
+    seed=r"\d+",
+    method=r"[A-Za-z0-9_]+",
+    kind=r"[A-Za-z0-9_]+",
+    source=r"(distilled|coreset)-[A-Za-z0-9_]+",
+
+
+def section(name, drop=()):
+    """A config section without the keys that only say which jobs exist (adding a budget
+    or a seed must not rerun the jobs that already exist)."""
+    return {k: v for k, v in config[name].items() if k not in drop}
+
+
+def stage_json(**sections):
+    """The settings a stage reads, as canonical JSON: rule params (so a change reruns
+    exactly the jobs it affects) and the CLI's --config-json."""
+    return json.dumps(sections, sort_keys=True, separators=(",", ":"))
+
+
+def data_files(dataset=DATASET):
+    return {
+        "images": f"results/{dataset}/data/images.h5",
+        "captions": f"results/{dataset}/data/captions.parquet",
+    }
+
+
+def embeddings_file(dataset=DATASET):
+    return f"results/{dataset}/embeddings/{TEXT}.h5"
+
+
+def expert_files(wildcards):
+    return expand(
+        "results/{dataset}/experts/{model}/expert_{i}.h5",
+        dataset=wildcards.dataset,
+        model=wildcards.model,
+        i=EXPERTS,
+    )
+
+
+def pairset_file(wildcards):
+    """The pair set an evaluation trains on: distilled-<method> or coreset-<kind>."""
+    family, name = wildcards.source.split("-", 1)
+    folder = "distilled" if family == "distilled" else "coresets"
+    return f"results/{wildcards.dataset}/{folder}/{wildcards.model}/{name}/n{wildcards.n}/pairs.h5"
+
+
+def eval_files():
+    out = expand(
+        "results/{dataset}/eval/{model}/{source}/n{n}/seed{seed}.parquet",
+        dataset=DATASET,
+        model=MODEL,
+        source=[f"distilled-{METHOD}"] + [f"coreset-{k}" for k in KINDS],
+        n=BUDGETS,
+        seed=SEEDS,
+    )
+    if config["full"]["enabled"]:
+        out += expand(
+            "results/{dataset}/eval/{model}/full/seed{seed}.parquet",
+            dataset=DATASET,
+            model=MODEL,
+            seed=SEEDS,
+        )
+    return out
+
+
+def get_final_output():
+    return ["results/tables/retrieval.md", "results/tables/retrieval.parquet"]

@@ -1,0 +1,29 @@
+# Stage 3: bi-trajectory matching into a pair set of n pairs.
+
+
+rule distill:
+    input:
+        **data_files("{dataset}"),
+        embeddings=embeddings_file("{dataset}"),
+        experts=expert_files,
+    output:
+        pairs="results/{dataset}/distilled/{model}/{method}/n{n}/pairs.h5",
+        curve="results/{dataset}/distilled/{model}/{method}/n{n}/curve.parquet",
+    log:
+        "results/logs/{dataset}/distilled/{model}/{method}/n{n}.log",
+    benchmark:
+        "results/benchmarks/{dataset}/distilled/{model}/{method}/n{n}.tsv"
+    conda:
+        "../../envs/vldd.yaml"
+    threads: 2
+    resources:
+        gpu=1,
+    params:
+        cfg=lambda w: stage_json(model=config["model"], distill=section("distill", ["budgets"])),
+        data=lambda w, input: str(Path(input.images).parent),
+        device=config["device"],
+    shell:
+        "python -m vldd --threads {threads} distill --config-json {params.cfg:q}"
+        " --data {params.data:q} --embeddings {input.embeddings:q} --experts {input.experts:q}"
+        " --budget {wildcards.n} --out {output.pairs:q} --curve {output.curve:q}"
+        " --device {params.device:q} > {log:q} 2>&1"
