@@ -1,0 +1,154 @@
+"""The workflow through the real Snakemake CLI: a tiny end-to-end run, the DAG, lint,
+single-stage reruns, and a Karpathy-format dataset run with no code change."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "tests" / "configs" / "tiny.yaml"
+
+
+def snakemake(workdir, *args, configfile=TINY, check=True):
+    env = dict(os.environ)
+    # The jobs run `python -m vldd`: the interpreter running the tests must come first.
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
+           "--configfile", str(configfile), "--cores", "2", "--resources", "gpu=2", *args]
+    out = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
+    if check and out.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{out.stdout[-4000:]}\n"
+                             f"{out.stderr[-4000:]}")
+    return out
+
+
+def job_counts(output: str) -> dict:
+    """The 'Job stats' table of a (dry) run as {rule: count}."""
+    counts = {}
+    block = output.split("Job stats:")[-1] if "Job stats:" in output else output
+    for line in block.splitlines():
+        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
+        if m and m.group(1) != "total":
+            counts[m.group(1)] = int(m.group(2))
+    return counts
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("tiny")
+    snakemake(work)
+    return work
+
+
+def test_dry_run_lists_the_whole_dag(tmp_path):
+    out = snakemake(tmp_path, "-n", "--quiet", "rules")
+    assert job_counts(out.stdout + out.stderr) == {
+        "prepare_dataset": 1, "embed_captions": 1, "train_expert": 2, "distill": 1,
+        "select_coreset": 1, "evaluate": 4, "train_full": 2, "summarize": 1, "all": 1}
+
+
+def test_lint_reports_no_problem(tmp_path):
+    out = snakemake(tmp_path, "--lint", check=False)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text
+    assert "Congratulations, your workflow is in a good condition" in text
+
+
+def test_unknown_config_key_is_rejected_before_any_job(tmp_path):
+    out = snakemake(tmp_path, "-n", "--config", "distil={iterations: 3}", check=False)
+    assert out.returncode != 0
+    assert "distil" in out.stderr + out.stdout
+    assert not (tmp_path / "results").exists()
+
+
+def test_tiny_end_to_end_run_writes_every_output(tiny_run):
+    base = tiny_run / "results" / "tiny"
+    expected = [
+        "data/images.h5", "data/captions.parquet", "embeddings/all-MiniLM-L6-v2.h5",
+        "experts/tiny-model/expert_0.h5", "experts/tiny-model/expert_1.h5",
+        "distilled/tiny-model/mtt/n8/pairs.h5", "distilled/tiny-model/mtt/n8/curve.parquet",
+        "coresets/tiny-model/random/n8/pairs.h5",
+    ] + [f"eval/tiny-model/{src}/n8/seed{s}.parquet"
+         for src in ("distilled-mtt", "coreset-random") for s in (0, 1)] + [
+        f"eval/tiny-model/full/seed{s}.parquet" for s in (0, 1)]
+    missing = [p for p in expected if not (base / p).is_file()]
+    assert not missing
+    # No checkpoint or temporary file is left behind by a finished run.
+    leftovers = [p.name for p in base.rglob("*") if ".tmp-" in p.name or "ckpt" in p.name]
+    assert not leftovers
+    curve = pd.read_parquet(base / "distilled/tiny-model/mtt/n8/curve.parquet")
+    assert list(curve["iteration"]) == [0, 1, 2, 3]
+    assert np.isfinite(curve["matching_loss"]).all()
+
+
+def test_tiny_run_tables_hold_every_method_with_recalls_in_range(tiny_run):
+    table = pd.read_parquet(tiny_run / "results/tables/retrieval.parquet")
+    assert set(table["method"]) == {"distilled-mtt", "coreset-random", "full"}
+    assert table["value"].between(0, 100).all()
+    assert len(table) == 3 * 2 * 6  # methods x seeds x metrics
+    md = (tiny_run / "results/tables/retrieval.md").read_text()
+    for method in ("distilled-mtt", "coreset-random", "full"):
+        assert re.search(rf"\| {method} \|", md)
+    assert "+-" in md
+
+
+def test_forcerun_distill_reruns_distill_and_its_dependents_only(tiny_run):
+    out = snakemake(tiny_run, "-n", "--forcerun", "distill", "--quiet", "rules")
+    assert job_counts(out.stdout + out.stderr) == {
+        "distill": 1, "evaluate": 2, "summarize": 1, "all": 1}
+
+
+def test_finished_run_has_nothing_left_to_do(tiny_run):
+    out = snakemake(tiny_run, "-n")
+    assert "Nothing to be done" in out.stdout + out.stderr
+
+
+def _karpathy_fixture(root: Path) -> Path:
+    """A tiny Karpathy-split dataset: coloured shapes on disk with two captions each."""
+    colours = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220),
+               "yellow": (230, 220, 40), "white": (250, 250, 250)}
+    rng = np.random.default_rng(0)
+    (root / "imgs" / "sub").mkdir(parents=True)
+    images = []
+    for i in range(36):
+        name, rgb = list(colours.items())[i % len(colours)]
+        arr = np.zeros((24, 24, 3), dtype=np.uint8)
+        y, x = rng.integers(0, 12, size=2)
+        arr[y:y + 10, x:x + 10] = rgb
+        fname = f"img_{i:03d}.png"
+        Image.fromarray(arr).save(root / "imgs" / "sub" / fname)
+        split = "test" if i >= 28 else ("val" if i >= 24 else ("restval" if i % 7 == 0 else "train"))
+        images.append({"filename": fname, "filepath": "sub", "split": split,
+                       "sentences": [{"raw": f"A {name} square."},
+                                     {"raw": f"a small {name} block on black"}]})
+    ann = root / "dataset_tiny.json"
+    ann.write_text(json.dumps({"images": images}))
+    return ann
+
+
+def test_karpathy_dataset_runs_through_the_same_workflow(tmp_path):
+    ann = _karpathy_fixture(tmp_path / "raw")
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["dataset"] = {"name": "karpathy_tiny", "source": "karpathy", "resolution": 16,
+                      "karpathy": {"annotations": str(ann), "image_root": str(tmp_path / "raw" / "imgs")}}
+    cfg["full"]["enabled"] = False
+    cfg["evaluate"]["seeds"] = [0]
+    path = tmp_path / "karpathy.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    snakemake(tmp_path, configfile=path)
+    table = pd.read_parquet(tmp_path / "results/tables/retrieval.parquet")
+    assert set(table["dataset"]) == {"karpathy_tiny"}
+    assert set(table["method"]) == {"distilled-mtt", "coreset-random"}
+    assert table["value"].between(0, 100).all()
+    caps = pd.read_parquet(tmp_path / "results/karpathy_tiny/data/captions.parquet")
+    assert (caps["split"] == "test").sum() == 16  # 8 test images x 2 captions
