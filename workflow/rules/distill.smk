@@ -13,9 +13,10 @@ rule distill:
         "results/logs/{dataset}/distilled/{model}/{method}/n{n}.log",
     benchmark:
         "results/benchmarks/{dataset}/distilled/{model}/{method}/n{n}.tsv"
+    priority: 10
     conda:
         "../../envs/vldd.yaml"
-    threads: 2
+    threads: 1
     resources:
         gpu=1,
     params:

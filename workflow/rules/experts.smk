@@ -11,6 +11,7 @@ rule train_expert:
         "results/logs/{dataset}/experts/{model}/expert_{i}.log",
     benchmark:
         "results/benchmarks/{dataset}/experts/{model}/expert_{i}.tsv"
+    priority: 20
     conda:
         "../../envs/vldd.yaml"
     threads: 1

@@ -41,7 +41,7 @@ def select_coreset(data_dir, embeddings_path, model_cfg, kind, budget, seed, out
     if kind not in KINDS:
         raise VlddError(f"coreset kind '{kind}' is not known: choose one of {KINDS}.")
     prepared = load_prepared(data_dir)
-    emb = load_embeddings(embeddings_path, data_dir)
+    emb = load_embeddings(embeddings_path, data_dir, model_cfg["text_encoder"])
     spec = model_cfg["image_encoder"]
     # Only the normalisation of the encoder is needed here, not its weights.
     tower = build_image_encoder({**spec, "trainable": "all"})

@@ -89,7 +89,7 @@ class Distiller:
         self.dev = resolve_device(device)
         seed = int(cfg.get("seed", 0))
         prepared = load_prepared(data_dir)
-        emb = load_embeddings(embeddings_path, data_dir)
+        emb = load_embeddings(embeddings_path, data_dir, model_cfg["text_encoder"])
         self.model = build_model(model_cfg, emb.shape[1], seed).to(self.dev)
         self.layouts = self.model.layouts()
         if not expert_paths:
@@ -158,7 +158,7 @@ class Distiller:
         if not np.isfinite(value):
             raise VlddError(
                 f"distillation diverged at iteration {self.iteration}: matching loss {value}, "
-                f"lr_image {float(self.lr_img):.4g}, lr_text {float(self.lr_txt):.4g}. Lower "
+                f"lr_image {float(self.lr_img.detach()):.4g}, lr_text {float(self.lr_txt.detach()):.4g}. Lower "
                 "distill.lr_image / lr_text / lr_lr, or syn_steps. The last checkpoint is kept.")
         for opt in (self.opt_img, self.opt_txt, self.opt_lr):
             opt.zero_grad(set_to_none=True)
@@ -174,7 +174,7 @@ class Distiller:
                 with torch.no_grad():
                     self.lr_img.clamp_(min=float(lr_min))
                     self.lr_txt.clamp_(min=float(lr_min))
-        self.curve.append((self.iteration, value, float(self.lr_img), float(self.lr_txt), e, start))
+        self.curve.append((self.iteration, value, float(self.lr_img.detach()), float(self.lr_txt.detach()), e, start))
         self.iteration += 1
         return value
 
@@ -183,7 +183,7 @@ class Distiller:
     def _state(self):
         return {
             "images": self.images.detach().cpu().numpy(), "texts": self.texts.detach().cpu().numpy(),
-            "lrs": np.array([float(self.lr_img), float(self.lr_txt)]),
+            "lrs": np.array([float(self.lr_img.detach()), float(self.lr_txt.detach())]),
             "iteration": self.iteration, "order": self.order, "curve": self.curve,
             "rng": self.rng.bit_generator.state, "gen": self.gen.get_state().numpy(),
             "torch_rng": torch.get_rng_state().numpy(),
@@ -240,8 +240,8 @@ class Distiller:
     def pairset(self):
         return PairSet(self.images.detach().cpu().numpy(), self.texts.detach().cpu().numpy(),
                        self.caption_ids, kind="distilled", method=self.cfg.get("method", "mtt"),
-                       mean=self.mean, std=self.std, lr_image=float(self.lr_img),
-                       lr_text=float(self.lr_txt), init_images=self.init_images.numpy(),
+                       mean=self.mean, std=self.std, lr_image=float(self.lr_img.detach()),
+                       lr_text=float(self.lr_txt.detach()), init_images=self.init_images.numpy(),
                        init_texts=self.init_texts.numpy())
 
     def curve_frame(self):
@@ -266,8 +266,8 @@ def distill(data_dir, embeddings_path, expert_paths, model_cfg, cfg, budget, out
         while d.iteration < iterations:
             loss = d.step()
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr_img=f"{float(d.lr_img):.3g}",
-                            lr_txt=f"{float(d.lr_txt):.3g}")
+            bar.set_postfix(loss=f"{loss:.4f}", lr_img=f"{float(d.lr_img.detach()):.3g}",
+                            lr_txt=f"{float(d.lr_txt.detach()):.3g}")
             if every and d.iteration % every == 0 and d.iteration < iterations:
                 d.save_checkpoint(checkpoint, key)
     prov = provenance("pairset", section, seed=int(cfg.get("seed", 0)),

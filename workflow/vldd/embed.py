@@ -11,9 +11,9 @@ import logging
 import numpy as np
 from tqdm import tqdm
 
-from .encoders import build_text_encoder, embed_texts
+from .encoders import build_text_encoder, embed_texts, text_spec
 from .errors import VlddError
-from .io import h5_dataset, h5_writer, open_h5, provenance, sha256_file
+from .io import config_hash, h5_dataset, h5_writer, open_h5, provenance, sha256_file
 from .model import resolve_device
 
 log = logging.getLogger(__name__)
@@ -30,17 +30,20 @@ def embed_captions(data_dir, text_cfg: dict, out_path, device="auto", batch_size
     captions = pd.read_parquet(captions_path)
     tower = build_text_encoder(text_cfg)
     dev = resolve_device(device)
-    with tqdm(total=len(captions), desc="embed_captions", unit="caption") as bar:
+    n_unique = captions["caption"].nunique()
+    with tqdm(total=n_unique, desc="embed_captions", unit="caption") as bar:
         emb = embed_texts(tower, captions["caption"].tolist(), batch_size, dev, bar.update)
-    attrs = provenance("embeddings", text_cfg, captions_sha256=sha256_file(captions_path),
+    attrs = provenance("embeddings", text_spec(text_cfg), captions_sha256=sha256_file(captions_path),
                        n_captions=len(captions), dim=int(emb.shape[1]))
     with h5_writer(out_path, attrs) as f:
         h5_dataset(f, "embeddings", emb)
-    log.info("embedded %d captions into %s (dim %d)", len(captions), out_path, emb.shape[1])
+    log.info("embedded %d captions (%d distinct) into %s (dim %d)", len(captions), n_unique,
+             out_path, emb.shape[1])
 
 
-def load_embeddings(path, data_dir) -> np.ndarray:
-    """The cached embeddings, after checking that they belong to this caption file."""
+def load_embeddings(path, data_dir, text_cfg: dict | None = None) -> np.ndarray:
+    """The cached embeddings, after checking that they belong to this caption file (and,
+    given `text_cfg`, to this text encoder)."""
     from pathlib import Path
 
     captions_path = Path(data_dir) / "captions.parquet"
@@ -49,6 +52,10 @@ def load_embeddings(path, data_dir) -> np.ndarray:
         if f.attrs.get("captions_sha256") != want:
             raise VlddError(f"{path}: computed from another captions file than {captions_path} "
                             "(stale cache). Delete it and rerun embed_captions.")
+        if text_cfg is not None and f.attrs.get("config_sha256") != config_hash(text_spec(text_cfg)):
+            raise VlddError(f"{path}: computed with another text encoder than "
+                            f"model.text_encoder = {text_cfg} (stale cache). Delete it and rerun "
+                            "embed_captions.")
         try:
             return f["embeddings"][()]
         except (KeyError, OSError) as exc:

@@ -183,6 +183,13 @@ class TextTower:
     dim: int
 
 
+def text_spec(spec: dict) -> dict:
+    """A text encoder spec with its defaults filled in: what identifies its embeddings."""
+    return {"name": spec["name"], "weights": spec.get("weights", "hub"),
+            "pooling": spec.get("pooling", "mean"), "normalize": bool(spec.get("normalize", False)),
+            "max_length": int(spec.get("max_length", 64))}
+
+
 def build_text_encoder(spec: dict) -> TextTower:
     """A frozen transformers encoder from a hub name, a local folder or a package."""
     import os
@@ -223,15 +230,17 @@ def build_text_encoder(spec: dict) -> TextTower:
 def embed_texts(tower: TextTower, texts, batch_size=256, device="cpu", progress=None):
     """Sentence embeddings of `texts` (float32 [n, dim]) in input order.
 
-    Texts are batched in order of length so that little padding is computed.
+    Each distinct text is encoded once, and texts are batched in order of length so that
+    little padding is computed.
     """
-    texts = list(texts)
-    order = np.argsort([len(t) for t in texts], kind="stable")
-    out = np.zeros((len(texts), tower.dim), dtype=np.float32)
+    unique, inverse = np.unique(np.asarray(list(texts), dtype=object).astype(str),
+                                return_inverse=True)
+    order = np.argsort([len(t) for t in unique], kind="stable")
+    out = np.zeros((len(unique), tower.dim), dtype=np.float32)
     model = tower.model.to(device)
-    for start in range(0, len(texts), batch_size):
+    for start in range(0, len(unique), batch_size):
         idx = order[start:start + batch_size]
-        enc = tower.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
+        enc = tower.tokenizer([str(unique[i]) for i in idx], padding=True, truncation=True,
                               max_length=tower.max_length, return_tensors="pt").to(device)
         hidden = model(**enc).last_hidden_state
         if tower.pooling == "cls":
@@ -244,7 +253,7 @@ def embed_texts(tower: TextTower, texts, batch_size=256, device="cpu", progress=
         out[idx] = emb.float().cpu().numpy()
         if progress is not None:
             progress(len(idx))
-    return out
+    return out[inverse.reshape(-1)]
 
 
 # ----------------------------------------------------------------------------- head

@@ -46,7 +46,7 @@ def evaluate(data_dir, embeddings_path, pairset_path, model_cfg, eval_cfg, seed,
     dev = resolve_device(device)
     ps = read_pairset(pairset_path)
     prepared = load_prepared(data_dir)
-    emb = load_embeddings(embeddings_path, data_dir)
+    emb = load_embeddings(embeddings_path, data_dir, model_cfg["text_encoder"])
     if ps.texts.shape[1] != emb.shape[1]:
         raise VlddError(f"{pairset_path}: text embeddings of size {ps.texts.shape[1]}, but the "
                         f"text encoder gives {emb.shape[1]}. Evaluate with the encoder it was "
@@ -80,7 +80,7 @@ def train_full(data_dir, embeddings_path, model_cfg, full_cfg, seed, out_path, d
     """The upper bound: the same loop on all training pairs."""
     dev = resolve_device(device)
     prepared = load_prepared(data_dir)
-    emb = load_embeddings(embeddings_path, data_dir)
+    emb = load_embeddings(embeddings_path, data_dir, model_cfg["text_encoder"])
     model = build_model(model_cfg, emb.shape[1], seed).to(dev)
     train = RealData(prepared, emb, model, "train", dev)
     train_contrastive(model, train.feats, train.texts, train.pair_img, train.pair_txt,

@@ -47,7 +47,7 @@ def train_expert(data_dir, embeddings_path, model_cfg, expert_cfg, index, out_pa
     dev = resolve_device(device)
     seed = int(expert_cfg.get("seed", 0)) + int(index)
     prepared = load_prepared(data_dir)
-    emb = load_embeddings(embeddings_path, data_dir)
+    emb = load_embeddings(embeddings_path, data_dir, model_cfg["text_encoder"])
     model = build_model(model_cfg, emb.shape[1], seed).to(dev)
     train = RealData(prepared, emb, model, "train", dev)
     val = RealData(prepared, emb, model, "val", dev) if len(prepared.split_images("val")) else None

@@ -98,7 +98,7 @@ def open_h5(path, expected_schema: str | None = None) -> h5py.File:
         raise VlddError(f"{path}: file not found. Run the stage that produces it first "
                         "(snakemake makes it for you).")
     try:
-        f = h5py.File(path, "r", locking=False)
+        f = h5py.File(path, "r")
     except OSError as exc:
         raise VlddError(f"{path}: not a readable HDF5 file ({exc}). It is probably truncated "
                         "or corrupt: delete it and rerun the stage that produced it.") from exc

