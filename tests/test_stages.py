@@ -166,3 +166,20 @@ def test_diverging_distillation_stops_with_iteration_and_advice(store, tmp_path)
 def test_expert_schedule_longer_than_the_expert_is_rejected(store, tmp_path):
     with pytest.raises(VlddError, match="max_start_epoch"):
         _distill(store, tmp_path, max_start_epoch=3, expert_epochs=2)
+
+
+def test_inspect_prints_provenance_and_shapes_of_each_artifact(store, tmp_path, capsys):
+    from vldd.cli import main
+    _distill(store, tmp_path)
+    files = [store / "data/images.h5", store / "data/captions.parquet", store / "emb.h5",
+             store / "expert_0.h5", tmp_path / "pairs.h5", tmp_path / "curve.parquet"]
+    assert main(["inspect", *map(str, files)]) == 0
+    out = capsys.readouterr().out
+    for schema in ("images", "captions", "embeddings", "trajectory", "pairset"):
+        assert f"schema = vldd/{schema}" in out
+    assert "/image/params: float32 [4, " in out  # 3 epochs + the initial row
+    assert "parquet: 4 rows" in out  # the curve of 4 iterations
+    assert out.count("config_sha256 = ") == len(files)
+    broken = tmp_path / "broken.h5"
+    broken.write_bytes((store / "expert_0.h5").read_bytes()[:1000])
+    assert main(["inspect", str(broken)]) == 2

@@ -85,6 +85,12 @@ def cmd_summarize(a, cfg):
     summarize(a.inputs, a.out_parquet, a.out_md)
 
 
+def cmd_inspect(a, cfg):
+    from .inspect import describe
+    for path in a.files:
+        print(describe(path))
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="vldd", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -140,6 +146,9 @@ def build_parser():
     s.add_argument("--inputs", required=True, type=Path, nargs="+")
     s.add_argument("--out-parquet", required=True, type=Path)
     s.add_argument("--out-md", required=True, type=Path)
+    s = sub.add_parser("inspect", help="provenance and shapes of vldd HDF5 / Parquet files")
+    s.set_defaults(fn=cmd_inspect, config_json="{}")
+    s.add_argument("files", nargs="+", type=Path)
     return p
 
 
