@@ -183,3 +183,40 @@ def test_inspect_prints_provenance_and_shapes_of_each_artifact(store, tmp_path, 
     broken = tmp_path / "broken.h5"
     broken.write_bytes((store / "expert_0.h5").read_bytes()[:1000])
     assert main(["inspect", str(broken)]) == 2
+
+
+def test_sigkilled_distill_resumes_to_the_same_bytes_as_an_uninterrupted_run(store, tmp_path):
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = json.dumps({"model": MODEL, "distill": {**DISTILL, "iterations": 30}})
+
+    def start(out):
+        out.mkdir(exist_ok=True)
+        cmd = [sys.executable, "-m", "vldd", "--threads", "1", "distill", "--config-json", cfg,
+               "--data", str(store / "data"), "--embeddings", str(store / "emb.h5"),
+               "--experts", str(store / "expert_0.h5"), "--budget", "6",
+               "--out", str(out / "pairs.h5"), "--curve", str(out / "curve.parquet"),
+               "--device", "cpu"]
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    straight = tmp_path / "straight"
+    assert start(straight).wait(timeout=300) == 0
+    killed = tmp_path / "killed"
+    proc = start(killed)
+    ckpt = killed / "pairs.h5.ckpt.h5"
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "distill finished before it could be killed"
+    assert ckpt.exists()
+    assert not (killed / "pairs.h5").exists() and not (killed / "curve.parquet").exists()
+    assert start(killed).wait(timeout=300) == 0
+    for name in ("pairs.h5", "curve.parquet"):
+        assert (killed / name).read_bytes() == (straight / name).read_bytes(), name
+    assert not ckpt.exists()
