@@ -15,7 +15,7 @@ import torch
 from .data import load_prepared
 from .embed import load_embeddings
 from .errors import VlddError
-from .experts import METRIC_ORDER, RealData
+from .experts import METRIC_ORDER, RealData, train_on_real
 from .io import provenance, write_parquet
 from .model import build_model, logit_scale, resolve_device, trunk_features
 from .pairset import read_pairset
@@ -83,13 +83,7 @@ def train_full(data_dir, embeddings_path, model_cfg, full_cfg, seed, out_path, d
     emb = load_embeddings(embeddings_path, data_dir, model_cfg["text_encoder"])
     model = build_model(model_cfg, emb.shape[1], seed).to(dev)
     train = RealData(prepared, emb, model, "train", dev)
-    train_contrastive(model, train.feats, train.texts, train.pair_img, train.pair_txt,
-                      epochs=int(full_cfg["epochs"]), lr_image=float(full_cfg["lr_image"]),
-                      lr_text=float(full_cfg["lr_text"]),
-                      momentum=float(full_cfg.get("momentum", 0.0)),
-                      weight_decay=float(full_cfg.get("weight_decay", 0.0)),
-                      batch_size=int(full_cfg["batch_size"]), logit_scale=logit_scale(model_cfg),
-                      seed=seed, per_image=full_cfg.get("sample", "captions") == "images")
+    train_on_real(model, train, model_cfg, full_cfg, seed)
     metrics = RealData(prepared, emb, model, "test", dev).recall(model)
     log.info("full data seed=%d: %s", seed, " ".join(f"{k}={metrics[k]:.2f}" for k in METRIC_ORDER))
     df = _frame(metrics, dataset, "full", len(train), seed, "train_full")

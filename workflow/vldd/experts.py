@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import torch
 
 from .data import load_prepared
@@ -42,6 +41,16 @@ class RealData:
         return retrieval(model, self.feats, self.texts, self.pair_img.numpy())
 
 
+def train_on_real(model, data: RealData, model_cfg, cfg, seed, on_epoch_end=None):
+    """The training loop on real pairs with the settings of an `experts` or `full` section."""
+    return train_contrastive(
+        model, data.feats, data.texts, data.pair_img, data.pair_txt, epochs=int(cfg["epochs"]),
+        lr_image=float(cfg["lr_image"]), lr_text=float(cfg["lr_text"]),
+        momentum=float(cfg.get("momentum", 0.0)), weight_decay=float(cfg.get("weight_decay", 0.0)),
+        batch_size=int(cfg["batch_size"]), logit_scale=logit_scale(model_cfg), seed=seed,
+        per_image=cfg.get("sample", "captions") == "images", on_epoch_end=on_epoch_end)
+
+
 def train_expert(data_dir, embeddings_path, model_cfg, expert_cfg, index, out_path,
                  device="auto"):
     dev = resolve_device(device)
@@ -77,11 +86,4 @@ def train_expert(data_dir, embeddings_path, model_cfg, expert_cfg, index, out_pa
                 log.info("expert %s epoch %d loss %.4f", index, epoch, loss)
 
         record(0)
-        train_contrastive(model, train.feats, train.texts, train.pair_img, train.pair_txt,
-                          epochs=epochs, lr_image=float(expert_cfg["lr_image"]),
-                          lr_text=float(expert_cfg["lr_text"]),
-                          momentum=float(expert_cfg.get("momentum", 0.0)),
-                          weight_decay=float(expert_cfg.get("weight_decay", 0.0)),
-                          batch_size=int(expert_cfg["batch_size"]),
-                          logit_scale=logit_scale(model_cfg), seed=seed, on_epoch_end=record,
-                          per_image=expert_cfg.get("sample", "captions") == "images")
+        train_on_real(model, train, model_cfg, expert_cfg, seed, on_epoch_end=record)
