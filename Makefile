@@ -12,10 +12,10 @@ SMK   := PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/snakemake
 
 .PHONY: run test lint dryrun clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,slurm]"
 	touch $@
 
 run: $(VENV)/.installed
