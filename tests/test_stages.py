@@ -220,3 +220,97 @@ def test_sigkilled_distill_resumes_to_the_same_bytes_as_an_uninterrupted_run(sto
     for name in ("pairs.h5", "curve.parquet"):
         assert (killed / name).read_bytes() == (straight / name).read_bytes(), name
     assert not ckpt.exists()
+
+
+def _expert_cmd(store, out, epochs):
+    import json
+    import sys
+    cfg = json.dumps({"model": MODEL, "experts": {**EXPERTS, "epochs": epochs}})
+    return [sys.executable, "-m", "vldd", "--threads", "1", "train-expert", "--config-json", cfg,
+            "--data", str(store / "data"), "--embeddings", str(store / "emb.h5"),
+            "--index", "0", "--out", str(out), "--device", "cpu"]
+
+
+def test_sigkilled_expert_resumes_from_its_last_epoch_to_the_same_bytes(store, tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    epochs = 12
+    straight = tmp_path / "straight.h5"
+    assert subprocess.run(_expert_cmd(store, straight, epochs), capture_output=True,
+                          timeout=300).returncode == 0
+    killed = tmp_path / "killed.h5"
+    ckpt = tmp_path / "killed.h5.ckpt"
+    proc = subprocess.Popen(_expert_cmd(store, killed, epochs), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (ckpt / "epoch_0002.h5").exists() and proc.poll() is None \
+            and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the expert finished before it could be killed"
+    finished = sorted(p.name for p in ckpt.glob("epoch_*.h5"))
+    assert 3 <= len(finished) < epochs + 1, finished
+    assert not killed.exists()  # nothing that looks finished
+    resumed = subprocess.run(_expert_cmd(store, killed, epochs), capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from epoch" in resumed.stderr
+    assert killed.read_bytes() == straight.read_bytes()
+    assert not ckpt.exists()
+
+
+def test_expert_epoch_files_of_another_config_are_not_resumed(store, tmp_path, monkeypatch):
+    import vldd.experts
+
+    out = tmp_path / "e.h5"
+    train_expert(store / "data", store / "emb.h5", MODEL, {**EXPERTS, "epochs": 2}, 0, out,
+                 device="cpu")
+    reference = out.read_bytes()
+    out.unlink()
+    # The epoch files of a run with another text lr, left behind as a killed run leaves them.
+    with monkeypatch.context() as m:
+        m.setattr(vldd.experts.shutil, "rmtree", lambda path: None)
+        train_expert(store / "data", store / "emb.h5", MODEL,
+                     {**EXPERTS, "epochs": 2, "lr_text": 0.5}, 0, tmp_path / "x.h5", device="cpu")
+    (tmp_path / "x.h5.ckpt").rename(tmp_path / "e.h5.ckpt")
+    train_expert(store / "data", store / "emb.h5", MODEL, {**EXPERTS, "epochs": 2}, 0, out,
+                 device="cpu")
+    assert out.read_bytes() == reference
+    assert not (tmp_path / "e.h5.ckpt").exists()
+
+
+def test_every_stage_writes_the_same_bytes_when_run_twice(store, tmp_path):
+    """Same config and seed, same bytes: no timestamps in HDF5 objects, sorted metadata."""
+    from vldd.evaluate import train_full
+    from vldd.tables import summarize
+
+    def twice(run, *outputs):
+        run()
+        first = {p: p.read_bytes() for p in outputs}
+        for p in outputs:
+            p.unlink()
+        run()
+        for p in outputs:
+            assert p.read_bytes() == first[p], f"{p.name} differs between two runs"
+
+    d = tmp_path
+    data = d / "data"
+    twice(lambda: prepare_dataset(DATASET, data), data / "images.h5", data / "captions.parquet")
+    twice(lambda: embed_captions(data, MODEL["text_encoder"], d / "emb.h5", device="cpu"),
+          d / "emb.h5")
+    twice(lambda: train_expert(data, d / "emb.h5", MODEL, {**EXPERTS, "epochs": 2}, 0,
+                               d / "expert.h5", device="cpu"), d / "expert.h5")
+    twice(lambda: distill(data, d / "emb.h5", [d / "expert.h5"], MODEL, DISTILL, 6,
+                          d / "pairs.h5", d / "curve.parquet", device="cpu"),
+          d / "pairs.h5", d / "curve.parquet")
+    twice(lambda: select_coreset(data, d / "emb.h5", MODEL, "random", 6, 0, d / "core.h5"),
+          d / "core.h5")
+    twice(lambda: evaluate(data, d / "emb.h5", d / "pairs.h5", MODEL, EVAL, 0, d / "ev.parquet",
+                           dataset="t", device="cpu"), d / "ev.parquet")
+    twice(lambda: train_full(data, d / "emb.h5", MODEL, {**EXPERTS, "epochs": 1}, 0,
+                             d / "full.parquet", dataset="t", device="cpu"), d / "full.parquet")
+    twice(lambda: summarize([d / "ev.parquet", d / "full.parquet"], d / "t.parquet", d / "t.md"),
+          d / "t.parquet", d / "t.md")

@@ -1,13 +1,18 @@
 """train_expert: train one expert on the full training data and record its trajectory."""
 from __future__ import annotations
 
+import hashlib
 import logging
+import shutil
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from .data import load_prepared
 from .embed import load_embeddings
-from .io import h5_writer, provenance
+from .errors import VlddError
+from .io import config_hash, h5_dataset, h5_writer, open_h5, provenance
 from .model import build_model, logit_scale, resolve_device, retrieval, trunk_features
 from .train import train_contrastive
 from . import trajectory
@@ -41,18 +46,128 @@ class RealData:
         return retrieval(model, self.feats, self.texts, self.pair_img.numpy())
 
 
-def train_on_real(model, data: RealData, model_cfg, cfg, seed, on_epoch_end=None):
+def train_on_real(model, data: RealData, model_cfg, cfg, seed, on_epoch_end=None,
+                  checkpoint=None):
     """The training loop on real pairs with the settings of an `experts` or `full` section."""
     return train_contrastive(
         model, data.feats, data.texts, data.pair_img, data.pair_txt, epochs=int(cfg["epochs"]),
         lr_image=float(cfg["lr_image"]), lr_text=float(cfg["lr_text"]),
         momentum=float(cfg.get("momentum", 0.0)), weight_decay=float(cfg.get("weight_decay", 0.0)),
         batch_size=int(cfg["batch_size"]), logit_scale=logit_scale(model_cfg), seed=seed,
-        per_image=cfg.get("sample", "captions") == "images", on_epoch_end=on_epoch_end)
+        per_image=cfg.get("sample", "captions") == "images", on_epoch_end=on_epoch_end,
+        checkpoint=checkpoint)
+
+
+def _trainable(module):
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+class EpochStore:
+    """Resumable expert training: every finished epoch is one small HDF5 file in
+    `<out>.ckpt/` (written atomically), holding that epoch's trajectory row and metrics and
+    everything needed to continue from it (optimiser momentum, random states). A killed job
+    resumes from the last file; the trajectory is assembled from them when training ends and
+    the folder is removed. Files of another configuration or data are ignored.
+    """
+
+    def __init__(self, folder, key, model, val):
+        self.folder, self.key, self.model, self.val = Path(folder), key, model, val
+        self.groups = {"image": model.tail, "text": model.head}
+
+    def _path(self, epoch):
+        return self.folder / f"epoch_{epoch:04d}.h5"
+
+    def finished(self) -> list:
+        """Epochs 0..k with a readable file of this configuration (the longest such run)."""
+        done = []
+        while self._path(len(done)).exists():
+            try:
+                with open_h5(self._path(len(done)), "expert-epoch") as f:
+                    if f.attrs.get("key") != self.key:
+                        break
+            except VlddError:
+                break
+            done.append(len(done))
+        if not done and self.folder.exists():
+            stale = sorted(self.folder.glob("epoch_*.h5"))
+            if stale:
+                log.warning("%s: %d epoch files of another configuration; starting afresh",
+                            self.folder, len(stale))
+                shutil.rmtree(self.folder)
+        return done
+
+    def restore(self, opt, gen) -> int:
+        done = self.finished()
+        if not done:
+            self.save(0, float("nan"), opt, gen)
+            return 0
+        last = done[-1]
+        with open_h5(self._path(last), "expert-epoch") as f:
+            with torch.no_grad():
+                for group, module in self.groups.items():
+                    torch.nn.utils.vector_to_parameters(
+                        torch.as_tensor(f[group][()]).to(next(module.parameters()).device),
+                        _trainable(module))
+            for g, pg in enumerate(opt.param_groups):
+                for j, p in enumerate(pg["params"]):
+                    name = f"momentum/{g}_{j}"
+                    if name in f:
+                        opt.state[p]["momentum_buffer"] = torch.as_tensor(f[name][()]).to(p.device)
+            gen.set_state(torch.as_tensor(f["gen"][()]))
+            torch.set_rng_state(torch.as_tensor(f["torch_rng"][()]))
+        log.info("resuming from epoch %d (%s)", last, self.folder)
+        return last
+
+    def save(self, epoch, loss, opt, gen):
+        val = np.full(6, np.nan)
+        if epoch > 0 and self.val is not None:
+            r = self.val.recall(self.model)
+            val = np.array([r[k] for k in METRIC_ORDER])
+            log.info("epoch %d loss %.4f val %s", epoch, loss,
+                     " ".join(f"{k}={v:.1f}" for k, v in zip(METRIC_ORDER, val)))
+        elif epoch > 0:
+            log.info("epoch %d loss %.4f", epoch, loss)
+        attrs = {"schema": "vldd/expert-epoch", "key": self.key, "epoch": epoch, "loss": loss}
+        with h5_writer(self._path(epoch), attrs) as f:
+            for group, module in self.groups.items():
+                h5_dataset(f, group, trajectory.flatten(_trainable(module)).numpy())
+            h5_dataset(f, "val", val)
+            h5_dataset(f, "gen", gen.get_state().numpy())
+            h5_dataset(f, "torch_rng", torch.get_rng_state().numpy())
+            for g, pg in enumerate(opt.param_groups):
+                for j, p in enumerate(pg["params"]):
+                    buf = opt.state.get(p, {}).get("momentum_buffer")
+                    if buf is not None:
+                        h5_dataset(f, f"momentum/{g}_{j}", buf.detach().cpu().numpy())
+
+    def assemble(self, out_path, attrs, layouts, epochs):
+        with h5_writer(out_path, attrs) as out:
+            trajectory.create(out, layouts, epochs)
+            for epoch in range(epochs + 1):
+                with open_h5(self._path(epoch), "expert-epoch") as f:
+                    trajectory.write_row(out, epoch, {g: torch.as_tensor(f[g][()])
+                                                      for g in self.groups})
+                    if epoch > 0:
+                        out["metrics"]["loss"][epoch - 1] = f.attrs["loss"]
+                        out["metrics"]["val"][epoch - 1] = f["val"][()]
+        shutil.rmtree(self.folder)
+
+
+def _data_fingerprint(data_dir, embeddings_path) -> dict:
+    """What a resumed expert must share with the files it resumes from, besides the config."""
+    data_dir = Path(data_dir)
+    captions = hashlib.sha256((data_dir / "captions.parquet").read_bytes()).hexdigest()
+    with open_h5(data_dir / "images.h5", "images") as f:
+        images = {"config": f.attrs.get("config_sha256", ""), "shape": list(f["images"].shape)}
+    with open_h5(embeddings_path, "embeddings") as f:
+        emb = {k: str(f.attrs.get(k, "")) for k in sorted(f.attrs) if k != "git_commit"}
+    return {"captions_sha256": captions, "images": images, "embeddings": emb}
 
 
 def train_expert(data_dir, embeddings_path, model_cfg, expert_cfg, index, out_path,
                  device="auto"):
+    """Train expert `index` and write its trajectory to out_path; resumes a killed run from
+    the epoch files in `<out_path>.ckpt/`."""
     dev = resolve_device(device)
     seed = int(expert_cfg.get("seed", 0)) + int(index)
     prepared = load_prepared(data_dir)
@@ -62,28 +177,15 @@ def train_expert(data_dir, embeddings_path, model_cfg, expert_cfg, index, out_pa
     val = RealData(prepared, emb, model, "val", dev) if len(prepared.split_images("val")) else None
     layouts = model.layouts()
     epochs = int(expert_cfg["epochs"])
-    attrs = provenance("trajectory", {"model": model_cfg, "experts": expert_cfg}, seed=seed,
+    section = {"model": model_cfg, "experts": expert_cfg}
+    attrs = provenance("trajectory", section, seed=seed,
                        index=int(index), image_encoder=model_cfg["image_encoder"],
                        text_encoder=model_cfg["text_encoder"], n_epochs=epochs,
                        lr_image=float(expert_cfg["lr_image"]),
                        lr_text=float(expert_cfg["lr_text"]))
     attrs["n_epochs"] = epochs
-    with h5_writer(out_path, attrs) as f:
-        trajectory.create(f, layouts, epochs)
-
-        def record(epoch, loss=None):
-            trajectory.write_row(f, epoch, {"image": trajectory.flatten(model.tail.parameters()),
-                                            "text": trajectory.flatten(model.head.parameters())})
-            if loss is None:
-                return
-            f["metrics"]["loss"][epoch - 1] = loss
-            if val is not None:
-                r = val.recall(model)
-                f["metrics"]["val"][epoch - 1] = [r[k] for k in METRIC_ORDER]
-                log.info("expert %s epoch %d loss %.4f val %s", index, epoch, loss,
-                         " ".join(f"{k}={r[k]:.1f}" for k in METRIC_ORDER))
-            else:
-                log.info("expert %s epoch %d loss %.4f", index, epoch, loss)
-
-        record(0)
-        train_on_real(model, train, model_cfg, expert_cfg, seed, on_epoch_end=record)
+    key = config_hash({**section, "index": int(index), "vldd": attrs["vldd_version"],
+                       "data": _data_fingerprint(data_dir, embeddings_path)})
+    store = EpochStore(str(out_path) + ".ckpt", key, model, val)
+    train_on_real(model, train, model_cfg, expert_cfg, seed, checkpoint=store)
+    store.assemble(out_path, attrs, layouts, epochs)

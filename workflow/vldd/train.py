@@ -20,7 +20,7 @@ def train_mode(model: DualEncoder):
 
 def train_contrastive(model: DualEncoder, img_feats, texts, pair_img, pair_txt, *, epochs,
                       lr_image, lr_text, momentum, weight_decay, batch_size, logit_scale, seed,
-                      per_image=False, on_epoch_end=None, on_batch=None):
+                      per_image=False, on_epoch_end=None, on_batch=None, checkpoint=None):
     """SGD on the symmetric InfoNCE loss over (image, text) pairs.
 
     img_feats: trunk features [n_img, ...]; texts: sentence embeddings [n_txt, d];
@@ -28,6 +28,11 @@ def train_contrastive(model: DualEncoder, img_feats, texts, pair_img, pair_txt, 
     in a random order from `seed`; with per_image, an epoch visits every image once, each with
     one of its pairs drawn at random (an epoch of images rather than of captions). on_epoch_end(epoch, mean_loss) runs after each epoch
     (epoch counts from 1); on_batch(pair_ids, img_f, txt_f) sees each batch's features.
+
+    checkpoint, when given, makes the loop resumable: checkpoint.restore(opt, gen) puts back
+    the model, optimiser and random state of the last finished epoch and returns that epoch
+    (0 when there is none); checkpoint.save(epoch, mean_loss, opt, gen) runs after each epoch
+    (after on_epoch_end). A resumed run continues bit for bit as an uninterrupted one.
     """
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout in the head
@@ -39,7 +44,8 @@ def train_contrastive(model: DualEncoder, img_feats, texts, pair_img, pair_txt, 
     opt = torch.optim.SGD(groups, momentum=momentum, weight_decay=weight_decay)
     n = len(pair_img)
     pair_img = torch.as_tensor(pair_img)
-    for epoch in range(1, epochs + 1):
+    first = 1 if checkpoint is None else checkpoint.restore(opt, gen) + 1
+    for epoch in range(first, epochs + 1):
         train_mode(model)
         order = torch.randperm(n, generator=gen)
         if per_image:
@@ -67,6 +73,8 @@ def train_contrastive(model: DualEncoder, img_feats, texts, pair_img, pair_txt, 
                             f"learning rates (image {lr_image}, text {lr_text}).")
         if on_epoch_end is not None:
             on_epoch_end(epoch, mean_loss)
+        if checkpoint is not None:
+            checkpoint.save(epoch, mean_loss, opt, gen)
     model.tail.eval()
     model.head.eval()
     return model
