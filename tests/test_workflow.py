@@ -152,3 +152,48 @@ def test_karpathy_dataset_runs_through_the_same_workflow(tmp_path):
     assert table["value"].between(0, 100).all()
     caps = pd.read_parquet(tmp_path / "results/karpathy_tiny/data/captions.parquet")
     assert (caps["split"] == "test").sum() == 16  # 8 test images x 2 captions
+
+
+def test_wrong_type_and_unknown_key_are_named_with_what_is_allowed(tmp_path):
+    out = snakemake(tmp_path, "-n", "--config", "distill={iterations: many}",
+                    "distil={iterations: 3}", check=False)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0
+    assert "'distill.iterations': 'many' is not of type 'integer'" in text
+    assert "unknown key 'distil'" in text and "distill" in text.split("unknown key 'distil'")[1]
+    assert not (tmp_path / "results").exists()
+
+
+SHELL_SAFE = {"threads", "wildcards.i", "wildcards.n", "wildcards.seed"}  # digits only
+
+
+def test_every_value_in_a_shell_command_is_quoted():
+    """Config values, paths and free-form wildcards reach the shell only through {x:q}."""
+    unquoted = []
+    for smk in sorted((REPO / "workflow" / "rules").glob("*.smk")):
+        for block in re.findall(r"\n    shell:\n((?:        .*\n)+)", smk.read_text()):
+            for name, fmt in re.findall(r"\{([\w.]+)(:\w+)?\}", block):
+                if fmt != ":q" and name not in SHELL_SAFE:
+                    unquoted.append(f"{smk.name}: {{{name}}}")
+    blocks = sum(len(re.findall(r"\n    shell:\n", p.read_text()))
+                 for p in (REPO / "workflow" / "rules").glob("*.smk"))
+    assert blocks >= 8  # every stage rule was looked at
+    assert not unquoted, unquoted
+
+
+def test_hostile_paths_and_values_never_run_as_shell(tmp_path):
+    """A data path full of shell syntax works as a path; a device value with shell syntax is
+    refused by the schema before any command runs."""
+    raw = tmp_path / "raw dir; touch PWNED1 $(touch PWNED2) `touch PWNED3` it's"
+    ann = _karpathy_fixture(raw)
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["dataset"] = {"name": "hostile", "source": "karpathy", "resolution": 16,
+                      "karpathy": {"annotations": str(ann), "image_root": str(raw / "imgs")}}
+    path = tmp_path / "hostile.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    snakemake(tmp_path, "--until", "prepare_dataset", configfile=path)
+    assert (tmp_path / "results/hostile/data/captions.parquet").exists()
+    out = snakemake(tmp_path, "--until", "prepare_dataset", "--config", "device=cpu; touch PWNED4",
+                    configfile=path, check=False)
+    assert out.returncode != 0 and "'device'" in out.stdout + out.stderr
+    assert not list(tmp_path.rglob("PWNED*")) and not list(REPO.glob("PWNED*"))

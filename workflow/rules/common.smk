@@ -5,9 +5,39 @@ import re
 from pathlib import Path
 from shlex import quote as shlex_quote
 
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
+SCHEMA = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
 
+
+def check_config(cfg):
+    """Every schema violation at once, each naming its key and what is allowed there, before
+    Snakemake's own validation fills in the defaults."""
+    import jsonschema
+    import yaml
+
+    schema = yaml.safe_load(SCHEMA.read_text())
+    cls = jsonschema.validators.validator_for(schema)
+    problems = []
+    for err in sorted(cls(schema).iter_errors(cfg), key=lambda e: list(map(str, e.path))):
+        where = ".".join(map(str, err.absolute_path))
+        if err.validator == "additionalProperties":
+            known = sorted(err.schema.get("properties", {}))
+            for key in sorted(set(err.instance) - set(known)):
+                name = f"{where}.{key}" if where else key
+                problems.append(f"unknown key '{name}'; the keys allowed "
+                                f"{'in ' + where if where else 'at the top level'} are: "
+                                + ", ".join(known))
+        else:
+            problems.append(f"'{where or '(top level)'}': {err.message}")
+    if problems:
+        raise WorkflowError(
+            "invalid configuration (config/README.md describes every key):\n  - "
+            + "\n  - ".join(problems))
+
+
+check_config(config)
 validate(config, schema="../schemas/config.schema.yaml")
 
 DATASET = config["dataset"]["name"]
