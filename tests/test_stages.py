@@ -145,13 +145,22 @@ def test_expert_schedule_longer_than_the_expert_is_rejected(store, tmp_path):
 
 def test_inspect_prints_provenance_and_shapes_of_each_artifact(store, tmp_path, capsys):
     from vldd.cli import main
+    from vldd.tables import summarize
     _distill(store, tmp_path)
+    evaluate(store / "data", store / "emb.h5", tmp_path / "pairs.h5", MODEL, EVAL, 0,
+             tmp_path / "ev.parquet", dataset="t", device="cpu")
+    summarize([tmp_path / "ev.parquet"], tmp_path / "table.parquet", tmp_path / "table.md")
     files = [store / "data/images.h5", store / "data/captions.parquet", store / "emb.h5",
-             store / "expert_0.h5", tmp_path / "pairs.h5", tmp_path / "curve.parquet"]
+             store / "expert_0.h5", tmp_path / "pairs.h5", tmp_path / "curve.parquet",
+             tmp_path / "ev.parquet", tmp_path / "table.parquet"]
     assert main(["inspect", *map(str, files)]) == 0
     out = capsys.readouterr().out
-    for schema in ("images", "captions", "embeddings", "trajectory", "pairset"):
+    for schema in ("images", "captions", "embeddings", "trajectory", "pairset", "eval", "table"):
         assert f"schema = vldd/{schema}" in out
+    assert out.count("schema_version = 1") == len(files)
+    assert out.count("vldd_version = ") == len(files)
+    assert "image_encoder = " in out and "text_encoder = " in out and "seed = 0" in out
+    assert "data_sha256 = " in out  # the expert names the data it was trained on
     assert "/image/params: float32 [4, " in out  # 3 epochs + the initial row
     assert "parquet: 4 rows" in out  # the curve of 4 iterations
     assert out.count("config_sha256 = ") == len(files)

@@ -153,7 +153,7 @@ class EpochStore:
         shutil.rmtree(self.folder)
 
 
-def _data_fingerprint(data_dir, embeddings_path) -> dict:
+def data_fingerprint(data_dir, embeddings_path) -> dict:
     """What a resumed expert must share with the files it resumes from, besides the config."""
     data_dir = Path(data_dir)
     captions = hashlib.sha256((data_dir / "captions.parquet").read_bytes()).hexdigest()
@@ -162,6 +162,18 @@ def _data_fingerprint(data_dir, embeddings_path) -> dict:
     with open_h5(embeddings_path, "embeddings") as f:
         emb = {k: str(f.attrs.get(k, "")) for k in sorted(f.attrs) if k != "git_commit"}
     return {"captions_sha256": captions, "images": images, "embeddings": emb}
+
+
+def check_experts_data(trajectories, data_dir, embeddings_path):
+    """Refuse experts trained on other data (another dataset, captions or text embeddings)."""
+    here = config_hash(data_fingerprint(data_dir, embeddings_path))
+    for t in trajectories:
+        theirs = t.attrs.get("data_sha256")
+        if theirs is not None and theirs != here:
+            raise VlddError(
+                f"{t.path}: this expert was trained on other data than {data_dir} with "
+                f"{embeddings_path} (another dataset, caption set or text encoder). Rerun "
+                "train_expert for this data, or point the stage at the matching experts.")
 
 
 def train_expert(data_dir, embeddings_path, model_cfg, expert_cfg, index, out_path,
@@ -184,8 +196,9 @@ def train_expert(data_dir, embeddings_path, model_cfg, expert_cfg, index, out_pa
                        lr_image=float(expert_cfg["lr_image"]),
                        lr_text=float(expert_cfg["lr_text"]))
     attrs["n_epochs"] = epochs
+    attrs["data_sha256"] = config_hash(data_fingerprint(data_dir, embeddings_path))
     key = config_hash({**section, "index": int(index), "vldd": attrs["vldd_version"],
-                       "data": _data_fingerprint(data_dir, embeddings_path)})
+                       "data": attrs["data_sha256"]})
     store = EpochStore(str(out_path) + ".ckpt", key, model, val)
     train_on_real(model, train, model_cfg, expert_cfg, seed, checkpoint=store)
     store.assemble(out_path, attrs, layouts, epochs)
