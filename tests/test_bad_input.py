@@ -124,6 +124,21 @@ def test_expert_of_another_model(store, tmp_path):
     assert no_outputs(tmp_path / "d")
 
 
+def test_expert_of_other_data(store, tmp_path):
+    from vldd.data import prepare_dataset
+    from vldd.embed import embed_captions
+
+    other = {**DATASET, "synthetic": {**DATASET["synthetic"], "seed": 99}}
+    prepare_dataset(other, tmp_path / "data")
+    embed_captions(tmp_path / "data", MODEL["text_encoder"], tmp_path / "emb.h5", device="cpu")
+    out = vldd("distill", "--data", tmp_path / "data", "--embeddings", tmp_path / "emb.h5",
+               "--experts", store / "expert_0.h5", "--budget", 6,
+               "--out", tmp_path / "d" / "pairs.h5", "--curve", tmp_path / "d" / "curve.parquet",
+               config={"model": MODEL, "distill": DISTILL})
+    assert_refused(out, "expert_0.h5", "other data", "Rerun train_expert")
+    assert no_outputs(tmp_path / "d")
+
+
 def test_truncated_trajectory(store, tmp_path):
     cut = tmp_path / "expert_cut.h5"
     data = (store / "expert_0.h5").read_bytes()
@@ -137,7 +152,7 @@ def test_diverging_distillation_keeps_the_last_good_checkpoint(store, tmp_path):
     """A run whose state is about to blow up (lr 1e6 at iteration 2, as after a bad lr step)
     stops with the iteration, the lrs and advice; its last checkpoint stays for a resume."""
     from vldd.distill import Distiller
-    from vldd.io import config_hash
+    from vldd.distill import checkpoint_key
 
     experts = [store / "expert_0.h5"]
     cfg = {**DISTILL, "lr_min": None}
@@ -148,8 +163,7 @@ def test_diverging_distillation_keeps_the_last_good_checkpoint(store, tmp_path):
     d.lr_txt.data.fill_(1e6)
     ckpt = tmp_path / "d" / "pairs.h5.ckpt.h5"
     ckpt.parent.mkdir()
-    section = {"model": MODEL, "distill": cfg, "budget": 6, "experts": [str(p) for p in experts]}
-    d.save_checkpoint(ckpt, config_hash(section))
+    d.save_checkpoint(ckpt, checkpoint_key(MODEL, cfg, 6, experts))
     before = ckpt.read_bytes()
     out = _distill(store, tmp_path, experts, cfg=cfg)
     assert_refused(out, "diverged at iteration ", "lr_image ", "Lower", "checkpoint is kept")

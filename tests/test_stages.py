@@ -88,19 +88,18 @@ def _distill(store, out, **over):
 
 def test_distill_resumes_from_its_checkpoint_to_identical_bytes(store, tmp_path):
     from vldd.distill import Distiller
-    from vldd.io import config_hash
+    from vldd.distill import checkpoint_key
 
     _distill(store, tmp_path / "straight")
     # An interrupted run: 2 iterations and a checkpoint, then the stage is started again.
     part = tmp_path / "resumed"
-    section = {"model": MODEL, "distill": DISTILL, "budget": 6,
-               "experts": [str(store / "expert_0.h5")]}
     d = Distiller(store / "data", store / "emb.h5", [store / "expert_0.h5"], MODEL, DISTILL, 6,
                   "cpu")
     d.step()
     d.step()
     part.mkdir()
-    d.save_checkpoint(part / "pairs.h5.ckpt.h5", config_hash(section))
+    d.save_checkpoint(part / "pairs.h5.ckpt.h5",
+                      checkpoint_key(MODEL, DISTILL, 6, [store / "expert_0.h5"]))
     _distill(store, part)
     assert not (part / "pairs.h5.ckpt.h5").exists()
     curve = pd.read_parquet(part / "curve.parquet")

@@ -26,6 +26,7 @@ from .data import load_prepared
 from .embed import load_embeddings
 from .encoders import contrastive_loss
 from .errors import VlddError
+from .experts import check_experts_data
 from .io import atomic_path, h5_dataset, h5_writer, open_h5, provenance, write_parquet, config_hash
 from .model import build_model, logit_scale, resolve_device
 from .pairset import PairSet, write_pairset
@@ -95,6 +96,7 @@ class Distiller:
         if not expert_paths:
             raise VlddError("distill needs at least one expert trajectory (experts.count >= 1).")
         self.experts = [Trajectory(p) for p in expert_paths]
+        check_experts_data(self.experts, data_dir, embeddings_path)
         for t in self.experts:
             for group in ("image", "text"):
                 t.check_layout(group, self.layouts[group])
@@ -249,6 +251,17 @@ class Distiller:
                                                  "lr_text", "expert", "start_epoch"])
 
 
+def checkpoint_key(model_cfg, cfg, budget, expert_paths) -> str:
+    """What a checkpoint must match to be resumed: the settings, and the experts' own config
+    hash and data fingerprint (retrained experts invalidate it)."""
+    ids = []
+    for p in expert_paths:
+        with open_h5(p, "trajectory") as f:
+            ids.append([str(f.attrs.get("config_sha256", "")), str(f.attrs.get("data_sha256", ""))])
+    return config_hash({"model": model_cfg, "distill": cfg, "budget": int(budget),
+                        "experts": [str(p) for p in expert_paths], "expert_ids": ids})
+
+
 def distill(data_dir, embeddings_path, expert_paths, model_cfg, cfg, budget, out_pairs,
             out_curve, checkpoint=None, device="auto"):
     """Run (or resume) a distillation and write the pair set and the loss/lr curve."""
@@ -256,7 +269,7 @@ def distill(data_dir, embeddings_path, expert_paths, model_cfg, cfg, budget, out
 
     section = {"model": model_cfg, "distill": cfg, "budget": int(budget),
                "experts": [str(p) for p in expert_paths]}
-    key = config_hash(section)
+    key = checkpoint_key(model_cfg, cfg, budget, expert_paths)
     d = Distiller(data_dir, embeddings_path, expert_paths, model_cfg, cfg, budget, device)
     checkpoint = Path(checkpoint) if checkpoint else Path(str(out_pairs) + ".ckpt.h5")
     d.load_checkpoint(checkpoint, key)
