@@ -297,3 +297,27 @@ def test_every_stage_writes_the_same_bytes_when_run_twice(store, tmp_path):
                              d / "full.parquet", dataset="t", device="cpu"), d / "full.parquet")
     twice(lambda: summarize([d / "ev.parquet", d / "full.parquet"], d / "t.parquet", d / "t.md"),
           d / "t.parquet", d / "t.md")
+
+
+def test_best_test_checkpoint_quirk_reports_the_best_tested_epoch(store, tmp_path):
+    from vldd.evaluate import r_mean
+
+    _distill(store, tmp_path)
+
+    def run(epochs, **quirk):
+        out = tmp_path / f"ev{epochs}{len(quirk)}.parquet"
+        evaluate(store / "data", store / "emb.h5", tmp_path / "pairs.h5", MODEL,
+                 {**EVAL, "epochs": epochs, **quirk}, 0, out, dataset="t", device="cpu")
+        return pd.read_parquet(out)
+
+    # Training for k epochs is a prefix of training for 4 (same seed): the test metrics
+    # after each epoch, measured by separate runs without the quirk.
+    per_epoch = {k: run(k) for k in range(5)}
+    assert all(set(df["epoch"]) == {k} for k, df in per_epoch.items())
+    means = {k: r_mean(dict(zip(df["metric"], df["value"]))) for k, df in per_epoch.items()}
+    best = run(4, quirk_best_test_checkpoint=True, quirk_test_every=1)
+    expected = max(means, key=lambda k: (means[k], -k))  # the best, the earliest on ties
+    assert int(best["epoch"].iloc[0]) == expected, means
+    assert np.array_equal(best["value"], per_epoch[expected]["value"])
+    every2 = run(4, quirk_best_test_checkpoint=True, quirk_test_every=2)
+    assert int(every2["epoch"].iloc[0]) == max((0, 2, 4), key=lambda k: (means[k], -k))
