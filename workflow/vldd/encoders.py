@@ -121,6 +121,28 @@ def _load_state_dict_file(path: Path) -> dict:
     return state
 
 
+def image_normalisation(spec: dict) -> tuple:
+    """(mean, std) of the image encoder's pixel normalisation, as build_image_encoder sets
+    them, read from timm's registry without building the model or loading weights.
+
+    Falls back to building the tower when timm has no registry entry for the name (which
+    then fails with the usual message for an unknown model).
+    """
+    from timm.models import get_pretrained_cfg
+
+    try:
+        cfg = get_pretrained_cfg(spec["name"])
+    except Exception:  # noqa: BLE001 - any registry failure: build the tower instead
+        cfg = None
+    if cfg is None:
+        tower = build_image_encoder({**spec, "trainable": "all"})
+        return tower.mean, tower.std
+    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    mean = tuple(float(v) for v in cfg.get("mean") or (0.485, 0.456, 0.406))
+    std = tuple(float(v) for v in cfg.get("std") or (0.229, 0.224, 0.225))
+    return mean, std
+
+
 def build_image_encoder(spec: dict) -> ImageTower:
     """A timm model by name with its pooled features (num_classes=0) and a weight source."""
     import timm
