@@ -102,6 +102,25 @@ def expert_files(wildcards):
     )
 
 
+# Coreset kinds that embed the pairs with a trained expert (its final parameters).
+CORESET_NEEDS_EXPERT = ("herding", "kcenter")
+
+
+def coreset_expert(wildcards):
+    """herding and kcenter embed the pairs with expert 0; random and forgetting need none."""
+    if wildcards.kind in CORESET_NEEDS_EXPERT:
+        return f"results/{wildcards.dataset}/experts/{wildcards.model}/expert_0.h5"
+    return []
+
+
+def coreset_json(wildcards):
+    """The settings select_coreset reads; forgetting trains with the experts' settings."""
+    sections = {"model": config["model"], "coresets": section("coresets", ["kinds"])}
+    if wildcards.kind == "forgetting":
+        sections["experts"] = section("experts", ["count"])
+    return stage_json(**sections)
+
+
 def pairset_file(wildcards):
     """The pair set an evaluation trains on: distilled-<method> or coreset-<kind>."""
     family, name = wildcards.source.split("-", 1)

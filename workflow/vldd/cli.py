@@ -63,7 +63,8 @@ def cmd_select_coreset(a, cfg):
     from .coreset import select_coreset
     model, coresets = _need(cfg, "model", "coresets")
     select_coreset(a.data, a.embeddings, model, a.kind, a.budget, int(coresets.get("seed", 0)),
-                   a.out)
+                   a.out, expert_path=a.experts, experts_cfg=cfg.get("experts"),
+                   device=a.device)
 
 
 def cmd_evaluate(a, cfg):
@@ -124,6 +125,9 @@ def build_parser():
     s.add_argument("--curve", required=True, type=Path)
     s = stage("select-coreset", cmd_select_coreset, "N real pairs chosen by a rule")
     s.add_argument("--kind", required=True)
+    s.add_argument("--experts", type=Path, default=None,
+                   help="expert trajectory whose final parameters embed the pairs "
+                        "(herding, kcenter)")
     s.add_argument("--budget", required=True, type=int)
     s.add_argument("--out", required=True, type=Path)
     s = stage("evaluate", cmd_evaluate, "train a fresh model on a pair set, test retrieval")

@@ -1,24 +1,60 @@
-"""select_coreset: N real training pairs chosen by a rule, written as a pair set."""
+"""select_coreset: N real training pairs chosen by a rule, written as a pair set.
+
+The paper's four baselines (R, H, K, F), adapted to image-caption pairs:
+
+- random: N distinct training images, one of its captions each, uniformly at random.
+- herding (Welling 2009, the greedy running-mean form of iCaRL): add, at each step, the pair
+  that brings the mean of the selected pairs closest to the mean of all training pairs.
+- kcenter (greedy farthest point, Sener & Savarese 2018): start from a seeded random pair,
+  then repeatedly add the pair farthest from its nearest selected pair.
+- forgetting (Toneva et al. 2019): train a model on the full data as an expert is trained,
+  count for each pair how often it goes from matched to unmatched between consecutive
+  presentations, keep the most forgotten (never-learned pairs first).
+
+herding and kcenter work in a joint embedding of each pair from a trained expert (its final
+parameters): [L2(image feature); L2(text feature)], the image through the expert's image
+encoder, the caption's sentence embedding through its text head. Every kind chooses among all
+training pairs (every caption of every image), but never two pairs of the same image: once a
+pair is chosen, the other captions of its image are no longer candidates. config/README.md
+(`coresets`) states each choice.
+"""
 from __future__ import annotations
 
+import json
+import logging
+from dataclasses import dataclass
+
 import numpy as np
+import torch
 
 from .data import load_prepared
 from .embed import load_embeddings
-from .encoders import build_image_encoder, to_model_input
+from .encoders import image_normalisation, text_spec, to_model_input
 from .errors import VlddError
 from .io import provenance
 from .pairset import PairSet, write_pairset
 
-KINDS = ("random",)
+log = logging.getLogger(__name__)
+
+KINDS = ("random", "herding", "kcenter", "forgetting")
+NEEDS_EXPERT = ("herding", "kcenter")
+
+
+def check_budget(prepared, budget: int, where: str = "budget") -> int:
+    """The number of training images, after refusing a budget that does not fit in it."""
+    n = len(prepared.split_images("train"))
+    if budget > n:
+        raise VlddError(f"{where} = {budget} is larger than the training set "
+                        f"({n} images): choose a budget <= {n}.")
+    if budget < 1:
+        raise VlddError(f"{where} = {budget}: a coreset needs at least one pair.")
+    return n
 
 
 def random_pairs(prepared, budget: int, seed: int, where: str = "budget") -> np.ndarray:
     """Caption ids of `budget` training pairs: distinct images, one random caption each."""
+    check_budget(prepared, budget, where)
     train_images = prepared.split_images("train")
-    if budget > len(train_images):
-        raise VlddError(f"{where} = {budget} is larger than the training set "
-                        f"({len(train_images)} images): choose a budget <= {len(train_images)}.")
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(train_images, size=budget, replace=False))
     caps = prepared.captions
@@ -37,17 +73,308 @@ def real_pairs(prepared, embeddings, caption_ids, mean, std):
     return images, embeddings[caption_ids]
 
 
-def select_coreset(data_dir, embeddings_path, model_cfg, kind, budget, seed, out_path):
-    if kind not in KINDS:
-        raise VlddError(f"coreset kind '{kind}' is not known: choose one of {KINDS}.")
+# ----------------------------------------------------------------------------- the pool
+
+
+@dataclass
+class Pool:
+    """The candidates: every training pair, in the order of the prepared captions.
+
+    caption_ids[p] is pair p's caption and image_ids[p] its image (image_index); x, when
+    present, is the joint embedding [n_pairs, 2D] (herding, kcenter).
+    """
+    caption_ids: np.ndarray
+    image_ids: np.ndarray
+    x: torch.Tensor | None = None
+
+
+def _real_data(prepared, emb, model, device):
+    from .experts import RealData
+    data = RealData(prepared, emb, model, "train", device)
+    image_ids = np.asarray(data.image_ids)[data.pair_img.numpy()]
+    return data, Pool(np.asarray(data.caption_ids, dtype=np.int64), image_ids.astype(np.int64))
+
+
+def _image_spec_key(spec: dict) -> dict:
+    return {"name": spec.get("name"), "weights": spec.get("weights", "hub"),
+            "trainable": spec.get("trainable", "all")}
+
+
+def load_expert_model(expert_path, model_cfg, text_dim, data_dir, embeddings_path, device):
+    """A model of `model_cfg` holding the final parameters of the expert at expert_path.
+
+    Refuses an expert of another model (image encoder name, weights or trainable part, text
+    encoder, or parameter layout) or one trained on other data.
+    """
+    from .experts import check_experts_data
+    from .model import build_model
+    from .trajectory import Trajectory
+
+    t = Trajectory(expert_path)
+    try:
+        for key, ours, norm in (("image_encoder", model_cfg["image_encoder"], _image_spec_key),
+                                ("text_encoder", model_cfg["text_encoder"], text_spec)):
+            raw = t.attrs.get(key)
+            if raw is None:
+                continue
+            theirs = norm(json.loads(raw))
+            if theirs != norm(ours):
+                raise VlddError(
+                    f"{expert_path}: this expert was trained with another model ({key} "
+                    f"{json.dumps(theirs, sort_keys=True)}, the config has "
+                    f"{json.dumps(norm(ours), sort_keys=True)}). Rerun train_expert with the "
+                    "current config, or pass the expert of this model.")
+        check_experts_data([t], data_dir, embeddings_path)
+        model = build_model(model_cfg, text_dim, seed=0)
+        layouts = model.layouts()
+        with torch.no_grad():
+            for group, module in (("image", model.tail), ("text", model.head)):
+                t.check_layout(group, layouts[group])
+                params = [p for p in module.parameters() if p.requires_grad]
+                torch.nn.utils.vector_to_parameters(t.params(group, t.n_epochs), params)
+        attrs = {"expert": str(expert_path), "expert_config_sha256": str(t.attrs.get(
+            "config_sha256", "")), "expert_epoch": t.n_epochs}
+    finally:
+        t.close()
+    return model.to(device), attrs
+
+
+def pair_embedding(data_dir, embeddings_path, model_cfg, expert_path, device="cpu"):
+    """(Pool with x, the expert model, its provenance) for every training pair.
+
+    x[p] = [L2(tail(trunk(image))); L2(head(text))] with the expert's final parameters, in
+    eval mode (no dropout): float32 [n_pairs, 2D] on `device`. Every row has norm sqrt(2).
+    """
+    from .model import embed_pairs, resolve_device
+
+    dev = resolve_device(device)
     prepared = load_prepared(data_dir)
     emb = load_embeddings(embeddings_path, data_dir, model_cfg["text_encoder"])
-    spec = model_cfg["image_encoder"]
-    # Only the normalisation of the encoder is needed here, not its weights.
-    tower = build_image_encoder({**spec, "trainable": "all"})
-    ids = random_pairs(prepared, budget, seed)
-    images, texts = real_pairs(prepared, emb, ids, tower.mean, tower.std)
-    ps = PairSet(images, texts, ids, kind="coreset", method=kind, mean=tower.mean, std=tower.std)
-    write_pairset(out_path, ps, provenance("pairset", {"model": model_cfg, "kind": kind,
-                                                       "budget": budget, "seed": seed},
-                                           seed=seed))
+    model, attrs = load_expert_model(expert_path, model_cfg, emb.shape[1], data_dir,
+                                     embeddings_path, dev)
+    data, pool = _real_data(prepared, emb, model, dev)
+    img, txt = embed_pairs(model, data.feats, data.texts)
+    pool.x = torch.cat([img[data.pair_img.to(img.device)], txt], dim=1)
+    return pool, model, attrs
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def _take(pool: Pool, p: int, available: torch.Tensor):
+    """Mark pair p's image as used: none of its pairs is a candidate any more."""
+    available[torch.as_tensor(pool.image_ids == pool.image_ids[p])] = False
+
+
+def herding(pool: Pool, budget: int) -> np.ndarray:
+    """Pair indices chosen by greedy running-mean matching, in the order chosen.
+
+    Step k adds the available pair p minimising |(S + x_p) / (k + 1) - mu|, S the sum of the
+    k chosen pairs and mu the mean of all pairs; equivalently p minimises |x_p - t|^2 with
+    t = (k + 1) mu - S. Ties go to the lowest pair index (no randomness).
+    """
+    x = pool.x.float()
+    mu = x.sum(0, dtype=torch.float64) / len(x)
+    sq = x.pow(2).sum(1)
+    available = torch.ones(len(x), dtype=torch.bool)
+    total = torch.zeros_like(mu)
+    chosen = []
+    for k in range(budget):
+        t = ((k + 1) * mu - total).to(x.dtype)
+        score = sq - 2 * (x @ t)
+        score[~available.to(score.device)] = float("inf")
+        p = int(torch.argmin(score))
+        chosen.append(p)
+        total += x[p].double()
+        _take(pool, p, available)
+    return np.asarray(chosen, dtype=np.int64)
+
+
+def kcenter(pool: Pool, budget: int, seed: int) -> np.ndarray:
+    """Pair indices chosen by greedy farthest-point (k-center) selection, in the order chosen.
+
+    The first pair is drawn uniformly among all training pairs with `seed`; each next one is
+    the available pair whose Euclidean distance to its nearest chosen pair is largest (ties:
+    the lowest pair index).
+    """
+    x = pool.x.float()
+    sq = x.pow(2).sum(1)
+    available = torch.ones(len(x), dtype=torch.bool)
+    nearest = torch.full((len(x),), float("inf"), device=x.device)
+    p = int(np.random.default_rng(seed).integers(len(x)))
+    chosen = []
+    for _ in range(budget):
+        chosen.append(p)
+        _take(pool, p, available)
+        d2 = (sq + sq[p] - 2 * (x @ x[p])).clamp_min(0)
+        nearest = torch.minimum(nearest, d2)
+        score = nearest.clone()
+        score[~available.to(score.device)] = -1.0
+        p = int(torch.argmax(score))
+    return np.asarray(chosen, dtype=np.int64)
+
+
+def mean_error(x: torch.Tensor, chosen) -> float:
+    """|mean of the chosen rows - mean of all rows| (Euclidean)."""
+    sel = x[torch.as_tensor(chosen, device=x.device)].sum(0, dtype=torch.float64) / len(chosen)
+    return float((sel - x.sum(0, dtype=torch.float64) / len(x)).norm())
+
+
+def cover_radius(x: torch.Tensor, chosen) -> float:
+    """max over all rows of the distance to the nearest chosen row."""
+    x = x.float()
+    return float(torch.cdist(x, x[torch.as_tensor(chosen, device=x.device)]).min(1).values.max())
+
+
+# ----------------------------------------------------------------------------- forgetting
+
+
+@dataclass
+class Forgetting:
+    """Per training pair (the Pool's order): how training on the full data treated it.
+
+    presented: presentations (batches it was in); learned: matched at least once;
+    forgotten: matched -> unmatched transitions between consecutive presentations.
+    """
+    pool: Pool
+    presented: np.ndarray
+    learned: np.ndarray
+    forgotten: np.ndarray
+
+    @property
+    def score(self) -> np.ndarray:
+        """The ranking key, higher = more forgotten: the forgetting count; +inf for a pair
+        presented but never matched (never learned, Toneva's convention); -1 for a pair never
+        presented (no evidence, ranked last; only with experts.sample = images)."""
+        s = self.forgotten.astype(np.float64)
+        s[(self.presented > 0) & ~self.learned] = np.inf
+        s[self.presented == 0] = -1.0
+        return s
+
+
+def matched_in_batch(img_f, txt_f, images) -> torch.Tensor:
+    """Which pairs of a batch are matched: in the batch's cosine similarity matrix (row i:
+    pair i's image against every caption of the batch), pair i is matched when the argmax of
+    row i is a caption of its own image AND the argmax of column i (its caption against every
+    image of the batch) is its own image. `images`: the image of each pair of the batch (a
+    batch may hold two captions of one image; either counts, as in retrieval)."""
+    import torch.nn.functional as F
+
+    img = F.normalize(img_f.float(), dim=-1)
+    txt = F.normalize(txt_f.float(), dim=-1)
+    sim = img @ txt.t()
+    images = images.to(sim.device)
+    return ((images[sim.argmax(1)] == images) & (images[sim.argmax(0)] == images)).cpu()
+
+
+def forgetting_counts(data_dir, embeddings_path, model_cfg, experts_cfg, seed,
+                      device="cpu") -> Forgetting:
+    """Train one model on all training pairs with the settings of an `experts` section
+    (epochs, lrs, momentum, weight decay, batch size, sample) from `seed`, recording at every
+    batch which pairs are matched (matched_in_batch, on the features of the training forward
+    pass: before the step, dropout on)."""
+    from .model import build_model, logit_scale, resolve_device
+    from .train import train_contrastive
+
+    dev = resolve_device(device)
+    prepared = load_prepared(data_dir)
+    emb = load_embeddings(embeddings_path, data_dir, model_cfg["text_encoder"])
+    model = build_model(model_cfg, emb.shape[1], seed).to(dev)
+    data, pool = _real_data(prepared, emb, model, dev)
+    n = len(pool.caption_ids)
+    presented = np.zeros(n, dtype=np.int64)
+    learned = np.zeros(n, dtype=bool)
+    forgotten = np.zeros(n, dtype=np.int64)
+    last = np.zeros(n, dtype=bool)  # matched at the previous presentation
+
+    def on_batch(ids, img_f, txt_f):
+        ids = torch.as_tensor(ids).cpu()
+        now = matched_in_batch(img_f, txt_f, data.pair_img[ids]).numpy()
+        ids = ids.numpy()
+        forgotten[ids] += (last[ids] & ~now & (presented[ids] > 0))
+        learned[ids] |= now
+        last[ids] = now
+        presented[ids] += 1
+
+    cfg = experts_cfg
+    # The settings as experts.train_on_real maps them, plus the on_batch hook.
+    train_contrastive(
+        model, data.feats, data.texts, data.pair_img, data.pair_txt, epochs=int(cfg["epochs"]),
+        lr_image=float(cfg["lr_image"]), lr_text=float(cfg["lr_text"]),
+        momentum=float(cfg.get("momentum", 0.0)), weight_decay=float(cfg.get("weight_decay", 0.0)),
+        batch_size=int(cfg["batch_size"]), logit_scale=logit_scale(model_cfg), seed=int(seed),
+        per_image=cfg.get("sample", "captions") == "images", on_batch=on_batch)
+    log.info("forgetting: %d pairs, %d never presented, %d never learned, max count %d",
+             n, int((presented == 0).sum()), int(((presented > 0) & ~learned).sum()),
+             int(forgotten.max(initial=0)))
+    return Forgetting(pool, presented, learned, forgotten)
+
+
+def most_forgotten(stats: Forgetting, budget: int, seed: int) -> np.ndarray:
+    """Pair indices of the `budget` most forgotten pairs of distinct images: pairs in order of
+    decreasing score, ties in a random order from `seed`, skipping pairs of an image already
+    chosen."""
+    score = stats.score
+    tie = np.random.default_rng(seed).permutation(len(score))
+    order = np.lexsort((tie, -score))
+    chosen, used = [], set()
+    for p in order:
+        img = int(stats.pool.image_ids[p])
+        if img in used:
+            continue
+        used.add(img)
+        chosen.append(int(p))
+        if len(chosen) == budget:
+            break
+    return np.asarray(chosen, dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def select_coreset(data_dir, embeddings_path, model_cfg, kind, budget, seed, out_path, *,
+                   expert_path=None, experts_cfg=None, device="auto"):
+    """Write the pair set of coreset `kind` with `budget` pairs.
+
+    expert_path: the trajectory whose final parameters embed the pairs (herding, kcenter);
+    experts_cfg: the `experts` section whose training settings the forgetting run uses.
+    """
+    if kind not in KINDS:
+        raise VlddError(f"coreset kind '{kind}' is not known: choose one of {KINDS}.")
+    if kind in NEEDS_EXPERT and expert_path is None:
+        raise VlddError(f"coreset kind '{kind}' embeds the pairs with a trained expert: give "
+                        "its trajectory (--experts PATH).")
+    if kind == "forgetting" and not experts_cfg:
+        raise VlddError("coreset kind 'forgetting' trains with the settings of the `experts` "
+                        "section: give it in --config-json.")
+    budget, seed = int(budget), int(seed)
+    prepared = load_prepared(data_dir)
+    check_budget(prepared, budget)
+    emb = load_embeddings(embeddings_path, data_dir, model_cfg["text_encoder"])
+    section = {"model": model_cfg, "kind": kind, "budget": budget, "seed": seed}
+    extra = {}
+    if kind == "random":
+        mean, std = image_normalisation(model_cfg["image_encoder"])
+        ids = random_pairs(prepared, budget, seed)
+    elif kind in NEEDS_EXPERT:
+        pool, model, extra = pair_embedding(data_dir, embeddings_path, model_cfg, expert_path,
+                                            device)
+        mean, std = model.tower.mean, model.tower.std
+        chosen = herding(pool, budget) if kind == "herding" else kcenter(pool, budget, seed)
+        extra["mean_error"] = mean_error(pool.x, chosen)
+        extra["cover_radius"] = cover_radius(pool.x, chosen)
+        log.info("%s: mean error %.4f, cover radius %.4f", kind, extra["mean_error"],
+                 extra["cover_radius"])
+        ids = pool.caption_ids[chosen]
+    else:
+        section["experts"] = experts_cfg
+        stats = forgetting_counts(data_dir, embeddings_path, model_cfg, experts_cfg, seed,
+                                  device)
+        mean, std = image_normalisation(model_cfg["image_encoder"])
+        chosen = most_forgotten(stats, budget, seed)
+        extra["forgetting_score"] = [float(s) for s in stats.score[chosen]]
+        ids = stats.pool.caption_ids[chosen]
+    ids = np.asarray(ids, dtype=np.int64)
+    images, texts = real_pairs(prepared, emb, ids, mean, std)
+    ps = PairSet(images, texts, ids, kind="coreset", method=kind, mean=mean, std=std)
+    write_pairset(out_path, ps, provenance("pairset", section, seed=seed, **extra))
