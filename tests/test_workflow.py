@@ -54,7 +54,8 @@ def test_dry_run_lists_the_whole_dag(tmp_path):
     out = snakemake(tmp_path, "-n", "--quiet", "rules")
     assert job_counts(out.stdout + out.stderr) == {
         "prepare_dataset": 1, "embed_captions": 1, "train_expert": 2, "distill": 1,
-        "select_coreset": 1, "evaluate": 4, "train_full": 2, "summarize": 1, "all": 1}
+        "select_coreset": 1, "evaluate": 4, "train_full": 2, "summarize": 1,
+        "figure_distilled": 1, "figure_recall": 1, "all": 1}
 
 
 def test_lint_reports_no_problem(tmp_path):
@@ -105,7 +106,19 @@ def test_tiny_run_tables_hold_every_method_with_recalls_in_range(tiny_run):
 def test_forcerun_distill_reruns_distill_and_its_dependents_only(tiny_run):
     out = snakemake(tiny_run, "-n", "--forcerun", "distill", "--quiet", "rules")
     assert job_counts(out.stdout + out.stderr) == {
-        "distill": 1, "evaluate": 2, "summarize": 1, "all": 1}
+        "distill": 1, "evaluate": 2, "summarize": 1, "figure_distilled": 1, "figure_recall": 1,
+        "all": 1}
+
+
+def test_figures_render_and_appear_in_the_report(tiny_run):
+    figs = [tiny_run / "results/figures/tiny/tiny-model/mtt/n8" / f"{n}.png"
+            for n in ("examples", "curve")] + [tiny_run / "results/figures/recall_vs_budget.png"]
+    for fig in figs:
+        assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", fig
+    snakemake(tiny_run, "--report", "results/report.html")
+    html = (tiny_run / "results/report.html").read_text(errors="replace")
+    for name in ("examples.png", "curve.png", "recall_vs_budget.png", "retrieval.md"):
+        assert name in html, name
 
 
 def test_finished_run_has_nothing_left_to_do(tiny_run):
@@ -197,3 +210,21 @@ def test_hostile_paths_and_values_never_run_as_shell(tmp_path):
                     configfile=path, check=False)
     assert out.returncode != 0 and "'device'" in out.stdout + out.stderr
     assert not list(tmp_path.rglob("PWNED*")) and not list(REPO.glob("PWNED*"))
+
+
+@pytest.mark.parametrize("paper", ["flickr30k", "coco"])
+def test_paper_config_plans_the_papers_experiments(tmp_path, paper):
+    """The paper's config, its data pointed at a small Karpathy fixture: 20 experts, a
+    distillation per budget, the four coresets per budget, 5 evaluation seeds each, tables."""
+    ann = _karpathy_fixture(tmp_path / "raw")
+    out = snakemake(tmp_path, "-n", "--quiet", "rules", "--config",
+                    f"dataset={{karpathy: {{annotations: '{ann}', "
+                    f"image_root: '{tmp_path / 'raw' / 'imgs'}'}}}}",
+                    configfile=REPO / "config" / f"{paper}.yaml")
+    counts = job_counts(out.stdout + out.stderr)
+    budgets, kinds, seeds = 4, 4, 5
+    assert counts == {
+        "prepare_dataset": 1, "embed_captions": 1, "train_expert": 20, "distill": budgets,
+        "select_coreset": kinds * budgets, "evaluate": (budgets + kinds * budgets) * seeds,
+        "train_full": seeds, "summarize": 1, "figure_distilled": budgets, "figure_recall": 1,
+        "all": 1}, counts

@@ -147,5 +147,21 @@ def eval_files():
     return out
 
 
+def figure_files():
+    out = expand(
+        "results/figures/{dataset}/{model}/{method}/n{n}/{name}.png",
+        dataset=DATASET,
+        model=MODEL,
+        method=METHOD,
+        n=BUDGETS,
+        name=["examples", "curve"],
+    )
+    return out + ["results/figures/recall_vs_budget.png"]
+
+
 def get_final_output():
-    return ["results/tables/retrieval.md", "results/tables/retrieval.parquet"]
+    return [
+        "results/tables/retrieval.md",
+        "results/tables/retrieval.parquet",
+        *figure_files(),
+    ]

@@ -86,6 +86,23 @@ def cmd_summarize(a, cfg):
     summarize(a.inputs, a.out_parquet, a.out_md)
 
 
+def cmd_figures(a, cfg):
+    from . import figures
+    did = False
+    if a.pairs and a.out_examples:
+        figures.examples_figure(a.pairs, a.data, a.embeddings, a.out_examples)
+        did = True
+    if a.curve and a.out_curve:
+        figures.curve_figure(a.curve, a.out_curve)
+        did = True
+    if a.table and a.out_recall:
+        figures.recall_figure(a.table, a.out_recall)
+        did = True
+    if not did:
+        raise VlddError("figures: nothing to draw; give --pairs/--out-examples (with --data and "
+                        "--embeddings), --curve/--out-curve or --table/--out-recall.")
+
+
 def cmd_inspect(a, cfg):
     from .inspect import describe
     for path in a.files:
@@ -144,6 +161,11 @@ def build_parser():
     s.add_argument("--inputs", required=True, type=Path, nargs="+")
     s.add_argument("--out-parquet", required=True, type=Path)
     s.add_argument("--out-md", required=True, type=Path)
+    s = stage("figures", cmd_figures, "the paper's figures from distilled sets and tables",
+              inputs=())
+    for name_ in ("data", "embeddings", "pairs", "curve", "table", "out-examples", "out-curve",
+                  "out-recall"):
+        s.add_argument(f"--{name_}", type=Path, default=None)
     s = sub.add_parser("inspect", help="provenance and shapes of vldd HDF5 / Parquet files")
     s.set_defaults(fn=cmd_inspect, config_json="{}")
     s.add_argument("files", nargs="+", type=Path)
