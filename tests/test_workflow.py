@@ -228,3 +228,34 @@ def test_paper_config_plans_the_papers_experiments(tmp_path, paper):
         "select_coreset": kinds * budgets, "evaluate": (budgets + kinds * budgets) * seeds,
         "train_full": seeds, "summarize": 1, "figure_distilled": budgets, "figure_recall": 1,
         "all": 1}, counts
+
+
+def test_ablation_variants_are_more_distillations_that_the_summary_picks_up(tmp_path):
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["distill"]["variants"] = {"textonly": {"learn_images": False},
+                                  "noiseinit": {"init": {"image": "noise"}}}
+    (tmp_path / "ablations.yaml").write_text(yaml.safe_dump(cfg))
+    out = snakemake(tmp_path, "-n", "-p", configfile=tmp_path / "ablations.yaml")
+    text = out.stdout + out.stderr
+    counts = job_counts(text)
+    assert counts["distill"] == 3 and counts["figure_distilled"] == 3
+    assert counts["evaluate"] == (3 + 1) * 2  # (3 distillations + 1 coreset) x 2 seeds
+    commands = {m: json.loads(re.search(r"--config-json '([^']*)'.*?/mtt" + m + r"/n8/pairs\.h5",
+                                        text).group(1))["distill"]
+                for m in ("", "_textonly", "_noiseinit")}
+    assert commands[""]["learn_images"] is True and commands[""]["method"] == "mtt"
+    assert commands["_textonly"]["learn_images"] is False
+    assert commands["_textonly"]["method"] == "mtt_textonly"
+    assert commands["_noiseinit"]["init"] == {"image": "noise", "text": "real"}
+    for c in commands.values():  # keys that only say which jobs exist stay out of the settings
+        assert "variants" not in c and "budgets" not in c
+    bad = snakemake(tmp_path, "-n", "--config", "distill={variants: {x: {learn_image: false}}}",
+                    check=False)
+    assert bad.returncode != 0
+    assert "distill.variants.x: unknown key(s) learn_image" in bad.stdout + bad.stderr
+    # a value of the wrong type (here the string 'false' that --config makes of false)
+    bad = snakemake(tmp_path, "-n", "--config", "distill={variants: {x: {learn_images: false}}}",
+                    check=False)
+    assert bad.returncode != 0
+    assert ("distill.variants.x.learn_images: 'false' is not of type 'boolean'"
+            in bad.stdout + bad.stderr)

@@ -46,6 +46,10 @@ TEXT = re.sub(r"[^A-Za-z0-9_.-]+", "_", config["model"]["text_encoder"]["name"])
 EXPERTS = list(range(config["experts"]["count"]))
 BUDGETS = config["distill"]["budgets"]
 METHOD = config["distill"]["method"]
+# Ablations: each distill.variants entry is another distillation (method <method>_<name>) with
+# some distill keys overridden, at every budget, evaluated and tabled like the main one.
+VARIANTS = config["distill"].get("variants", {})
+METHODS = [METHOD] + [f"{METHOD}_{name}" for name in VARIANTS]
 KINDS = config["coresets"]["kinds"]
 SEEDS = config["evaluate"]["seeds"]
 
@@ -74,6 +78,51 @@ def section(name, drop=()):
     """A config section without the keys that only say which jobs exist (adding a budget
     or a seed must not rerun the jobs that already exist)."""
     return {k: v for k, v in config[name].items() if k not in drop}
+
+
+def check_variants():
+    import yaml
+
+    import jsonschema
+
+    props = dict(yaml.safe_load(SCHEMA.read_text())["properties"]["distill"]["properties"])
+    for key in ("budgets", "variants", "method"):
+        props.pop(key)
+    keys = sorted(props)
+    for name, over in VARIANTS.items():
+        if not re.fullmatch(r"[A-Za-z0-9]+", name):
+            raise WorkflowError(f"distill.variants: name '{name}' must be letters and digits "
+                                "only (it becomes part of the method name and of paths).")
+        bad = sorted(set(over or {}) - set(keys))
+        if bad:
+            raise WorkflowError(f"distill.variants.{name}: unknown key(s) {', '.join(bad)}; a "
+                                f"variant overrides distill keys: {', '.join(keys)}.")
+        for key, value in (over or {}).items():
+            try:
+                jsonschema.validate(value, props[key])
+            except jsonschema.ValidationError as err:
+                raise WorkflowError(f"distill.variants.{name}.{key}: {err.message}") from None
+
+
+check_variants()
+
+
+def distill_section(method):
+    """The distill settings of `method`: the main one, or a variant's overrides on top."""
+    base = section("distill", ["budgets", "variants"])
+    if method == METHOD:
+        return base
+    name = method[len(METHOD) + 1 :]
+    if not method.startswith(METHOD + "_") or name not in VARIANTS:
+        raise WorkflowError(f"no distillation method '{method}': known are {METHODS}.")
+    merged = json.loads(json.dumps(base))
+    for key, value in (VARIANTS[name] or {}).items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    merged["method"] = method
+    return merged
 
 
 def stage_json(**sections):
@@ -133,7 +182,7 @@ def eval_files():
         "results/{dataset}/eval/{model}/{source}/n{n}/seed{seed}.parquet",
         dataset=DATASET,
         model=MODEL,
-        source=[f"distilled-{METHOD}"] + [f"coreset-{k}" for k in KINDS],
+        source=[f"distilled-{m}" for m in METHODS] + [f"coreset-{k}" for k in KINDS],
         n=BUDGETS,
         seed=SEEDS,
     )
@@ -152,7 +201,7 @@ def figure_files():
         "results/figures/{dataset}/{model}/{method}/n{n}/{name}.png",
         dataset=DATASET,
         model=MODEL,
-        method=METHOD,
+        method=METHODS,
         n=BUDGETS,
         name=["examples", "curve"],
     )

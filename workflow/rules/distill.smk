@@ -20,7 +20,7 @@ rule distill:
     resources:
         gpu=1,
     params:
-        cfg=lambda w: stage_json(model=config["model"], distill=section("distill", ["budgets"])),
+        cfg=lambda w: stage_json(model=config["model"], distill=distill_section(w.method)),
         data=lambda w, input: str(Path(input.images).parent),
         device=config["device"],
     shell:
