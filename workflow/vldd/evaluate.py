@@ -24,8 +24,9 @@ from .train import train_contrastive
 log = logging.getLogger(__name__)
 
 
-def _frame(metrics: dict, dataset, method, budget, seed, stage):
-    rows = [{"dataset": dataset, "method": method, "budget": int(budget), "seed": int(seed),
+def _frame(metrics: dict, dataset, method, budget, seed, stage, model=""):
+    rows = [{"dataset": dataset, "model": model, "method": method, "budget": int(budget),
+             "seed": int(seed),
              "stage": stage, "direction": m.split("@")[0], "k": int(m.split("@")[1]),
              "metric": m, "value": float(metrics[m])} for m in METRIC_ORDER]
     return pd.DataFrame(rows)
@@ -93,7 +94,7 @@ def evaluate(data_dir, embeddings_path, pairset_path, model_cfg, eval_cfg, seed,
     log.info("%s %s n=%d seed=%d epoch %d: %s", ps.kind, ps.method, n, seed, reported,
              " ".join(f"{k}={metrics[k]:.2f}" for k in METRIC_ORDER))
     method = f"{'distilled' if ps.kind == 'distilled' else 'coreset'}-{ps.method}"
-    df = _frame(metrics, dataset, method, n, seed, "evaluate")
+    df = _frame(metrics, dataset, method, n, seed, "evaluate", model_cfg.get("name", ""))
     df["lr_image"], df["lr_text"] = lr_img, lr_txt
     df["epoch"] = reported
     write_parquet(df, out_path, meta=provenance("eval", {"model": model_cfg, "evaluate": eval_cfg},
@@ -111,6 +112,7 @@ def train_full(data_dir, embeddings_path, model_cfg, full_cfg, seed, out_path, d
     train_on_real(model, train, model_cfg, full_cfg, seed)
     metrics = RealData(prepared, emb, model, "test", dev).recall(model)
     log.info("full data seed=%d: %s", seed, " ".join(f"{k}={metrics[k]:.2f}" for k in METRIC_ORDER))
-    df = _frame(metrics, dataset, "full", len(train), seed, "train_full")
+    df = _frame(metrics, dataset, "full", len(train), seed, "train_full",
+                model_cfg.get("name", ""))
     write_parquet(df, out_path, meta=provenance("eval", {"model": model_cfg, "full": full_cfg},
                                                  seed=seed))
