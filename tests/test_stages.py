@@ -321,3 +321,25 @@ def test_best_test_checkpoint_quirk_reports_the_best_tested_epoch(store, tmp_pat
     assert np.array_equal(best["value"], per_epoch[expected]["value"])
     every2 = run(4, quirk_best_test_checkpoint=True, quirk_test_every=2)
     assert int(every2["epoch"].iloc[0]) == max((0, 2, 4), key=lambda k: (means[k], -k))
+
+
+def test_cross_architecture_evaluation_renormalises_the_pixels(store, tmp_path):
+    from vldd.evaluate import renormalise
+    from vldd.model import build_model
+
+    _distill(store, tmp_path)
+    ps = read_pairset(tmp_path / "pairs.h5")
+    other = {**MODEL, "name": "t@resnet18",
+             "image_encoder": {"name": "resnet18", "weights": "none", "trainable": "all"}}
+    tower = build_model(other, ps.texts.shape[1], 0).tower
+    assert not np.allclose(tower.mean, ps.mean)  # the two encoders normalise differently
+    moved = renormalise(ps.images, ps.mean, ps.std, tower.mean, tower.std)
+    # the same raw pixels, in the other encoder's normalisation
+    raw = ps.images * np.asarray(ps.std)[None, :, None, None] + np.asarray(ps.mean)[None, :, None, None]
+    again = moved * np.asarray(tower.std)[None, :, None, None] + np.asarray(tower.mean)[None, :, None, None]
+    assert np.allclose(raw, again, atol=1e-5) and not np.allclose(moved, ps.images)
+    assert renormalise(ps.images, ps.mean, ps.std, ps.mean, ps.std) is ps.images
+    evaluate(store / "data", store / "emb.h5", tmp_path / "pairs.h5", other, EVAL, 0,
+             tmp_path / "cross.parquet", dataset="t", device="cpu")
+    ev = pd.read_parquet(tmp_path / "cross.parquet")
+    assert set(ev["model"]) == {"t@resnet18"} and ev["value"].between(0, 100).all()

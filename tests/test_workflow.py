@@ -259,3 +259,18 @@ def test_ablation_variants_are_more_distillations_that_the_summary_picks_up(tmp_
     assert bad.returncode != 0
     assert ("distill.variants.x.learn_images: 'false' is not of type 'boolean'"
             in bad.stdout + bad.stderr)
+
+
+def test_cross_architecture_evaluations_are_planned_per_distilled_set(tmp_path):
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["evaluate"]["cross_architectures"] = {
+        "resnet18": {"name": "resnet18", "weights": "none"},
+        "lite1": {"name": "tf_efficientnet_lite1", "weights": "none", "trainable": "last:1"}}
+    (tmp_path / "cross.yaml").write_text(yaml.safe_dump(cfg))
+    out = snakemake(tmp_path, "-n", "-p", configfile=tmp_path / "cross.yaml")
+    text = out.stdout + out.stderr
+    counts = job_counts(text)
+    assert counts["evaluate_cross"] == 2 * 2 and counts["evaluate"] == 4  # archs x seeds
+    encoders = {m for m in re.findall(r'"image_encoder":\{"name":"([\w.]+)"', text)}
+    assert encoders == {"tf_efficientnet_lite0", "resnet18", "tf_efficientnet_lite1"}
+    assert "cross-lite1/distilled-mtt/n8/seed1.parquet" in text

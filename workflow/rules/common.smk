@@ -52,6 +52,8 @@ VARIANTS = config["distill"].get("variants", {})
 METHODS = [METHOD] + [f"{METHOD}_{name}" for name in VARIANTS]
 KINDS = config["coresets"]["kinds"]
 SEEDS = config["evaluate"]["seeds"]
+# Cross-architecture evaluation: distilled sets also trained and tested with these encoders.
+CROSS = config["evaluate"].get("cross_architectures", {})
 
 # The package runs from this checkout, inside whatever Python the job has (a venv or the
 # conda env of the rule), so no install of vldd itself is needed.
@@ -71,6 +73,7 @@ wildcard_constraints:
     seed=r"\d+",
     method=r"[A-Za-z0-9_]+",
     kind=r"[A-Za-z0-9_]+",
+    arch=r"[A-Za-z0-9_.-]+",
     source=r"(distilled|coreset)-[A-Za-z0-9_]+",
 
 
@@ -186,6 +189,15 @@ def eval_files():
         n=BUDGETS,
         seed=SEEDS,
     )
+    out += expand(
+        "results/{dataset}/eval/{model}/cross-{arch}/distilled-{method}/n{n}/seed{seed}.parquet",
+        dataset=DATASET,
+        model=MODEL,
+        arch=list(CROSS),
+        method=METHODS,
+        n=BUDGETS,
+        seed=SEEDS,
+    )
     if config["full"]["enabled"]:
         out += expand(
             "results/{dataset}/eval/{model}/full/seed{seed}.parquet",
@@ -194,6 +206,15 @@ def eval_files():
             seed=SEEDS,
         )
     return out
+
+
+def cross_model(arch):
+    """The model config of a cross-architecture evaluation: another image encoder, the same
+    text side (the distilled texts live in its embedding space)."""
+    if arch not in CROSS:
+        raise WorkflowError(f"no evaluate.cross_architectures entry '{arch}': known are "
+                            f"{sorted(CROSS)}.")
+    return {**config["model"], "name": f"{MODEL}@{arch}", "image_encoder": CROSS[arch]}
 
 
 def figure_files():

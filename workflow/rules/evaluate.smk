@@ -18,7 +18,34 @@ rule evaluate:
     resources:
         gpu=1,
     params:
-        cfg=lambda w: stage_json(model=config["model"], evaluate=section("evaluate", ["seeds"])),
+        cfg=lambda w: stage_json(model=config["model"], evaluate=section("evaluate", ["seeds", "cross_architectures"])),
+        data=lambda w, input: str(Path(input.images).parent),
+        device=config["device"],
+    shell:
+        "python -m vldd --threads {threads} evaluate --config-json {params.cfg:q}"
+        " --data {params.data:q} --embeddings {input.embeddings:q} --pairs {input.pairs:q}"
+        " --seed {wildcards.seed} --dataset {wildcards.dataset:q} --out {output:q}"
+        " --device {params.device:q} > {log:q} 2>&1"
+
+
+rule evaluate_cross:
+    input:
+        **data_files("{dataset}"),
+        embeddings=embeddings_file("{dataset}"),
+        pairs=pairset_file,
+    output:
+        "results/{dataset}/eval/{model}/cross-{arch}/{source}/n{n}/seed{seed}.parquet",
+    log:
+        "results/logs/{dataset}/eval/{model}/cross-{arch}/{source}/n{n}/seed{seed}.log",
+    benchmark:
+        "results/benchmarks/{dataset}/eval/{model}/cross-{arch}/{source}/n{n}/seed{seed}.tsv"
+    conda:
+        "../../envs/vldd.yaml"
+    threads: 1
+    resources:
+        gpu=1,
+    params:
+        cfg=lambda w: stage_json(model=cross_model(w.arch), evaluate=section("evaluate", ["seeds", "cross_architectures"])),
         data=lambda w, input: str(Path(input.images).parent),
         device=config["device"],
     shell:

@@ -32,6 +32,18 @@ def _frame(metrics: dict, dataset, method, budget, seed, stage, model=""):
     return pd.DataFrame(rows)
 
 
+def renormalise(images, mean, std, to_mean, to_std):
+    """Pixels normalised with (mean, std) into the normalisation of another image encoder
+    (cross-architecture evaluation); unchanged when the two agree."""
+    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    to_mean, to_std = np.asarray(to_mean, np.float32), np.asarray(to_std, np.float32)
+    if np.allclose(mean, to_mean) and np.allclose(std, to_std):
+        return images
+    shape = (1, -1, 1, 1)
+    raw = images * std.reshape(shape) + mean.reshape(shape)
+    return ((raw - to_mean.reshape(shape)) / to_std.reshape(shape)).astype(np.float32)
+
+
 def r_mean(metrics: dict) -> float:
     return float(np.mean([metrics[k] for k in METRIC_ORDER]))
 
@@ -57,10 +69,8 @@ def evaluate(data_dir, embeddings_path, pairset_path, model_cfg, eval_cfg, seed,
                         f"text encoder gives {emb.shape[1]}. Evaluate with the encoder it was "
                         "made for.")
     model = build_model(model_cfg, emb.shape[1], seed).to(dev)
-    if tuple(np.round(model.tower.mean, 6)) != tuple(np.round(ps.mean, 6)):
-        log.warning("pair set normalised with mean %s, encoder expects %s", ps.mean,
-                    model.tower.mean)
-    feats = trunk_features(model.tower, ps.images, dev, normalized=True)
+    images = renormalise(ps.images, ps.mean, ps.std, model.tower.mean, model.tower.std)
+    feats = trunk_features(model.tower, images, dev, normalized=True)
     texts = torch.as_tensor(ps.texts).to(dev)
     lr_img, lr_txt = eval_lrs(ps, eval_cfg)
     n = ps.budget
