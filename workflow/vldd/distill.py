@@ -1,14 +1,17 @@
-"""distill: bi-trajectory matching (Wu et al., TMLR 2024) with an exact unrolled meta-gradient.
+"""distill: bi-trajectory matching (Wu et al., TMLR 2024).
 
 Each iteration starts a student at an expert's parameters theta*_s, takes `syn_steps` SGD
-steps on mini-batches of the distilled pairs with the learnable lrs, keeping the graph, and
-measures how close it lands to theta*_{s+R}:
+steps on mini-batches of the distilled pairs with the learnable lrs and measures how close it
+lands to theta*_{s+R}:
 
     L = |theta_img - theta*_img,s+R|^2 / |theta*_img,s - theta*_img,s+R|^2  + (same for text)
 
-L is backpropagated exactly through all steps into the pixels, the text embeddings and the
-lrs. The student is one module evaluated with torch.func.functional_call on flat parameter
-vectors; the frozen image trunk runs once per iteration on the distilled pixels.
+The gradient of L w.r.t. the pixels, the text embeddings and the lrs comes from the engine
+that `distill.engine` names (vldd.engines): exact backpropagation through all steps by
+default, or the checkpointed (exact, less memory), constant-memory (TESLA, approximate) or
+heads-only (image encoder frozen) engines. The student is one module evaluated with
+torch.func.functional_call on flat parameter vectors; the frozen image trunk runs on the
+distilled pixels once per iteration.
 """
 from __future__ import annotations
 
@@ -19,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch.func import functional_call
 
 from .coreset import random_pairs, real_pairs
 from .data import load_prepared
 from .embed import load_embeddings
-from .encoders import contrastive_loss
+from .engines import EngineOptions, apply_backend, check_engine, meta_gradient
+from .engines import matching_loss, unroll  # noqa: F401  (the exact engine's pieces)
 from .errors import VlddError
 from .experts import check_experts_data
 from .io import atomic_path, h5_dataset, h5_writer, open_h5, provenance, write_parquet, config_hash
@@ -37,41 +40,6 @@ log = logging.getLogger(__name__)
 
 # Noise initialisation statistics of the seed code (normalised pixels, BERT [CLS] space).
 NOISE_IMAGE = ((-0.0626, -0.0221, 0.0680), (1.0451, 1.0752, 1.0539))
-
-
-def unroll(model, layouts, theta0: dict, feats, texts, lr_img, lr_txt, *, syn_steps, mini_batch,
-           scale, gen):
-    """syn_steps differentiable SGD steps from theta0 on (feats, texts); returns the end point.
-
-    feats are trunk features of the distilled images (a function of the pixels), texts the
-    distilled sentence embeddings. Every step keeps its graph (create_graph=True), so the end
-    point is an exact differentiable function of pixels, texts and lrs.
-    """
-    th_i = theta0["image"].clone().requires_grad_(True)
-    th_t = theta0["text"].clone().requires_grad_(True)
-    n = len(texts)
-    for _ in range(syn_steps):
-        idx = torch.randperm(n, generator=gen)[:mini_batch].to(texts.device)
-        img_f = functional_call(model.tail, layouts["image"].unflatten(th_i), (feats[idx],))
-        txt_f = functional_call(model.head, layouts["text"].unflatten(th_t), (texts[idx],))
-        loss = contrastive_loss(img_f, txt_f, scale)
-        g_i, g_t = torch.autograd.grad(loss, [th_i, th_t], create_graph=True, allow_unused=True)
-        if g_i is not None:
-            th_i = th_i - lr_img * g_i
-        th_t = th_t - lr_txt * g_t
-    return {"image": th_i, "text": th_t}
-
-
-def matching_loss(end: dict, start: dict, target: dict):
-    """Sum over encoders of |end - target|^2 / |start - target|^2 (empty encoders skipped)."""
-    total = 0.0
-    for group in ("image", "text"):
-        if end[group].numel() == 0:
-            continue
-        num = (end[group] - target[group]).pow(2).sum()
-        den = (start[group] - target[group]).pow(2).sum()
-        total = total + num / den
-    return total
 
 
 def _check_schedule(cfg, n_epochs, path):
@@ -91,7 +59,11 @@ class Distiller:
         seed = int(cfg.get("seed", 0))
         prepared = load_prepared(data_dir)
         emb = load_embeddings(embeddings_path, data_dir, model_cfg["text_encoder"])
+        self.engine = str(cfg.get("engine", "exact"))
+        check_engine(self.engine)
+        self.opts = EngineOptions.from_config(cfg)
         self.model = build_model(model_cfg, emb.shape[1], seed).to(self.dev)
+        apply_backend(self.opts, self.model, self.dev)
         self.layouts = self.model.layouts()
         if not expert_paths:
             raise VlddError("distill needs at least one expert trajectory (experts.count >= 1).")
@@ -150,13 +122,12 @@ class Distiller:
         theta0 = {g: traj.params(g, start).to(self.dev) for g in ("image", "text")}
         target = {g: traj.params(g, target_epoch).to(self.dev) for g in ("image", "text")}
         train_mode(self.model)
-        feats = self.model.tower.trunk(self.images)
-        end = unroll(self.model, self.layouts, theta0, feats, self.texts, self.lr_img,
-                     self.lr_txt, syn_steps=int(cfg["syn_steps"]),
-                     mini_batch=int(cfg["mini_batch"]),
-                     scale=logit_scale(self.model_cfg, inner_loop=True), gen=self.gen)
-        loss = matching_loss(end, theta0, target)
-        value = float(loss.detach())
+        loss, grads = meta_gradient(
+            self.engine, self.model, self.layouts, theta0, target, self.images, self.texts,
+            self.lr_img, self.lr_txt, syn_steps=int(cfg["syn_steps"]),
+            mini_batch=int(cfg["mini_batch"]),
+            scale=logit_scale(self.model_cfg, inner_loop=True), gen=self.gen, opts=self.opts)
+        value = float(loss)
         if not np.isfinite(value):
             raise VlddError(
                 f"distillation diverged at iteration {self.iteration}: matching loss {value}, "
@@ -164,7 +135,8 @@ class Distiller:
                 "distill.lr_image / lr_text / lr_lr, or syn_steps. The last checkpoint is kept.")
         for opt in (self.opt_img, self.opt_txt, self.opt_lr):
             opt.zero_grad(set_to_none=True)
-        loss.backward()
+        for p, g in zip((self.images, self.texts, self.lr_img, self.lr_txt), grads):
+            p.grad = g
         if self.learn["image"]:
             self.opt_img.step()
         if self.learn["text"]:
@@ -199,7 +171,9 @@ class Distiller:
             for name in ("images", "texts", "lrs", "gen", "torch_rng"):
                 h5_dataset(f, name, s[name])
             for i, st in enumerate(s["opt"]):
-                for j, buf in enumerate(st["state"].values()):
+                # keyed by the parameter's index in its optimiser: a parameter without a
+                # gradient so far (the image lr of heads-only) has no state
+                for j, buf in st["state"].items():
                     if buf.get("momentum_buffer") is not None:
                         h5_dataset(f, f"momentum/{i}_{j}", buf["momentum_buffer"].cpu().numpy())
             f.attrs["meta"] = json.dumps({"order": [int(x) for x in s["order"]],

