@@ -21,7 +21,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
-LOCAL_RULES = {"all", "summarize"}
+LOCAL_RULES = {"all", "summarize", "figure_distilled", "figure_recall"}
 
 
 def _slurm_missing() -> str | None:
