@@ -343,3 +343,31 @@ def test_cross_architecture_evaluation_renormalises_the_pixels(store, tmp_path):
              tmp_path / "cross.parquet", dataset="t", device="cpu")
     ev = pd.read_parquet(tmp_path / "cross.parquet")
     assert set(ev["model"]) == {"t@resnet18"} and ev["value"].between(0, 100).all()
+
+
+def test_image_only_distillation_leaves_texts_bit_identical(store, tmp_path):
+    _distill(store, tmp_path, learn_texts=False)
+    ps = read_pairset(tmp_path / "pairs.h5")
+    assert np.array_equal(ps.texts, ps.init_texts)
+    assert not np.array_equal(ps.images, ps.init_images)
+
+
+@pytest.mark.parametrize("init", [{"image": "noise", "text": "real"},
+                                  {"image": "real", "text": "noise"}])
+def test_initialisation_per_modality(store, tmp_path, init):
+    _distill(store, tmp_path, init=init, iterations=1)
+    ps = read_pairset(tmp_path / "pairs.h5")
+    _distill(store, tmp_path / "real", iterations=1)
+    real = read_pairset(tmp_path / "real" / "pairs.h5")
+    emb = load_embeddings(store / "emb.h5", store / "data")
+    # the modality initialised from real pairs starts at the same real pairs as the default
+    if init["text"] == "real":
+        assert np.array_equal(ps.init_texts, real.init_texts)
+        assert np.array_equal(ps.init_texts, emb[real.caption_ids])
+        assert not np.allclose(ps.init_images, real.init_images)
+        assert (ps.caption_ids == -1).all()  # no real pair behind a noise image
+    else:
+        assert np.array_equal(ps.init_images, real.init_images)
+        assert not np.allclose(ps.init_texts, real.init_texts)
+        # noise texts keep the scale of the real embeddings
+        assert 0.5 < ps.init_texts.std() / real.init_texts.std() < 2.0
