@@ -37,6 +37,8 @@ class DualEncoder:
         return self.tower.tail
 
     def layouts(self):
+        """The recorded and matched parameters: those of the tail and the head that require
+        grad (with trainable lora: the adapters' lora_A / lora_B only)."""
         return {"image": ParamLayout.of(self.tower.tail), "text": ParamLayout.of(self.head)}
 
     def to(self, device):
@@ -47,8 +49,10 @@ class DualEncoder:
 
 
 def build_model(model_cfg: dict, text_dim: int, seed: int) -> DualEncoder:
-    """A fresh student: pretrained image tower, text head initialised from `seed`."""
-    tower = build_image_encoder(model_cfg["image_encoder"])
+    """A fresh student: pretrained image tower, text head initialised from `seed` (and, with
+    trainable lora, LoRA A matrices from image_encoder.lora.seed, or `seed` when null; the B
+    matrices are zero, so the image encoder starts as the pretrained one)."""
+    tower = build_image_encoder(model_cfg["image_encoder"], seed=seed)
     torch.manual_seed(seed)
     head = TextHead(text_dim, tower.num_features, model_cfg.get("head_dropout", 0.1))
     return DualEncoder(tower, head)
