@@ -96,8 +96,12 @@ def _real_data(prepared, emb, model, device):
 
 
 def _image_spec_key(spec: dict) -> dict:
-    return {"name": spec.get("name"), "weights": spec.get("weights", "hub"),
-            "trainable": spec.get("trainable", "all")}
+    key = {"name": spec.get("name"), "weights": spec.get("weights", "hub"),
+           "trainable": spec.get("trainable", "all"), "kwargs": spec.get("kwargs") or {}}
+    if key["trainable"] == "lora":  # adapters of another alpha or dropout are another model
+        from .encoders import lora_spec
+        key["lora"] = {k: v for k, v in lora_spec(spec.get("lora")).items() if k != "seed"}
+    return key
 
 
 def load_expert_model(expert_path, model_cfg, text_dim, data_dir, embeddings_path, device):
