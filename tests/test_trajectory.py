@@ -194,3 +194,44 @@ def test_epoch_count_disagreeing_with_rows_raises(tmp_path):
         f.attrs["n_epochs"] = 5
     with pytest.raises(VlddError, match="params has shape"):
         Trajectory(path)
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 0.0), ("float16", 1e-3), ("bfloat16", 8e-3)])
+@pytest.mark.parametrize("compression", ["none", "gzip", "lzf"])
+def test_storage_options_round_trip_within_their_precision(tmp_path, dtype, tol, compression):
+    import h5py
+    import torch
+
+    from vldd import trajectory
+    from vldd.trajectory import ParamLayout, Trajectory
+
+    layouts = {"image": ParamLayout(["w"], [(3, 5)]), "text": ParamLayout(["b"], [(7,)])}
+    rows = {g: torch.randn(3, l.size, generator=torch.Generator().manual_seed(i)) * 3
+            for i, (g, l) in enumerate(layouts.items())}
+    path = tmp_path / f"t-{dtype}-{compression}.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["schema"] = "vldd/trajectory"
+        f.attrs["n_epochs"] = 2
+        trajectory.create(f, layouts, 2, {"dtype": dtype, "compression": compression})
+        for e in range(3):
+            trajectory.write_row(f, e, {g: rows[g][e] for g in rows})
+    t = Trajectory(path)
+    for g in rows:
+        for e in range(3):
+            got = t.params(g, e)
+            assert got.dtype == torch.float32
+            rel = ((got - rows[g][e]).abs() / rows[g][e].abs().clamp(min=1e-3)).max().item()
+            assert rel <= tol, (g, e, rel)
+    with h5py.File(path) as f:
+        expected = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}[dtype]
+        assert f["image/params"].dtype == expected
+        assert f["image/params"].compression == (None if compression == "none" else compression)
+    t.close()
+
+
+def test_unknown_storage_option_is_refused():
+    from vldd.errors import VlddError
+    from vldd.trajectory import storage_spec
+
+    with pytest.raises(VlddError, match="experts.storage"):
+        storage_spec({"dtype": "int8"})

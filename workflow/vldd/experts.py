@@ -70,8 +70,9 @@ class EpochStore:
     the folder is removed. Files of another configuration or data are ignored.
     """
 
-    def __init__(self, folder, key, model, val):
+    def __init__(self, folder, key, model, val, storage=None):
         self.folder, self.key, self.model, self.val = Path(folder), key, model, val
+        self.storage = trajectory.storage_spec(storage)
         self.groups = {"image": model.tail, "text": model.head}
 
     def _path(self, epoch):
@@ -142,7 +143,7 @@ class EpochStore:
 
     def assemble(self, out_path, attrs, layouts, epochs):
         with h5_writer(out_path, attrs) as out:
-            trajectory.create(out, layouts, epochs)
+            trajectory.create(out, layouts, epochs, self.storage)
             for epoch in range(epochs + 1):
                 with open_h5(self._path(epoch), "expert-epoch") as f:
                     trajectory.write_row(out, epoch, {g: torch.as_tensor(f[g][()])
@@ -199,6 +200,6 @@ def train_expert(data_dir, embeddings_path, model_cfg, expert_cfg, index, out_pa
     attrs["data_sha256"] = config_hash(data_fingerprint(data_dir, embeddings_path))
     key = config_hash({**section, "index": int(index), "vldd": attrs["vldd_version"],
                        "data": attrs["data_sha256"]})
-    store = EpochStore(str(out_path) + ".ckpt", key, model, val)
+    store = EpochStore(str(out_path) + ".ckpt", key, model, val, expert_cfg.get("storage"))
     train_on_real(model, train, model_cfg, expert_cfg, seed, checkpoint=store)
     store.assemble(out_path, attrs, layouts, epochs)

@@ -4,7 +4,9 @@ Layout::
 
     /                attrs: provenance (schema, versions, config hash, seed, encoder specs),
                             n_epochs, lr_image, lr_text
-    /image/params    float32 [n_epochs + 1, n_image_params]   one chunk row per epoch
+    /image/params    [n_epochs + 1, n_image_params] in experts.storage.dtype (float32,
+                     float16, or bfloat16 as uint16 bits; attrs params_dtype,
+                     params_compression), one chunk row per epoch; read back as float32
     /image/names     str [k]      parameter names, in module order
     /image/shapes    str [k]      JSON shape of each parameter
     /text/...        the same for the text head
@@ -57,13 +59,52 @@ class ParamLayout:
                 zip(self.names, torch.split(flat, self.numels), self.shapes)}
 
 
-def create(f: h5py.File, layouts: dict, n_epochs: int):
+# Storage of the parameter rows: dtype (bfloat16 is kept as its uint16 bit pattern) and
+# HDF5 compression. Readers always get float32.
+DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+COMPRESSION = ("none", "gzip", "lzf")
+
+
+def storage_spec(spec: dict | None) -> dict:
+    spec = dict(spec or {})
+    dtype = spec.get("dtype", "float32")
+    compression = spec.get("compression", "none")
+    if dtype not in DTYPES or compression not in COMPRESSION:
+        raise VlddError(f"experts.storage: dtype must be one of {sorted(DTYPES)} and compression "
+                        f"one of {list(COMPRESSION)}, got {dtype!r} / {compression!r}.")
+    return {"dtype": dtype, "compression": compression}
+
+
+def encode(flat: torch.Tensor, dtype: str) -> np.ndarray:
+    """A float32 row in the storage dtype (bfloat16: round to nearest, as its uint16 bits)."""
+    if dtype == "bfloat16":
+        return flat.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    return flat.numpy().astype(DTYPES[dtype])
+
+
+def decode(row: np.ndarray, dtype: str) -> torch.Tensor:
+    if dtype == "bfloat16":
+        return torch.from_numpy(row.astype(np.uint16).view(np.int16).copy()).view(
+            torch.bfloat16).float()
+    return torch.from_numpy(np.asarray(row, dtype=np.float32))
+
+
+def create(f: h5py.File, layouts: dict, n_epochs: int, storage: dict | None = None):
     """Create the empty datasets in an open file; rows are filled by write_row."""
+    storage = storage_spec(storage)
+    f.attrs["params_dtype"] = storage["dtype"]
+    f.attrs["params_compression"] = storage["compression"]
+    extra = {}
+    if storage["compression"] == "gzip":
+        extra = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
+    elif storage["compression"] == "lzf":
+        extra = {"compression": "lzf", "shuffle": True}
     for group in GROUPS:
         layout = layouts[group]
         g = f.create_group(group, track_order=True)
-        g.create_dataset("params", shape=(n_epochs + 1, layout.size), dtype="float32",
-                         chunks=(1, min(layout.size, 1 << 18)), track_times=False)
+        chunked = {"chunks": (1, min(layout.size, 1 << 18)), **extra} if layout.size else {}
+        g.create_dataset("params", shape=(n_epochs + 1, layout.size),
+                         dtype=DTYPES[storage["dtype"]], track_times=False, **chunked)
         h5_dataset(g, "names", np.array(layout.names, dtype=h5py.string_dtype()))
         h5_dataset(g, "shapes", np.array([json.dumps(list(s)) for s in layout.shapes],
                                          dtype=h5py.string_dtype()))
@@ -73,8 +114,9 @@ def create(f: h5py.File, layouts: dict, n_epochs: int):
 
 
 def write_row(f: h5py.File, epoch: int, flats: dict):
+    dtype = str(f.attrs.get("params_dtype", "float32"))
     for group in GROUPS:
-        f[group]["params"][epoch] = flats[group].numpy()
+        f[group]["params"][epoch] = encode(flats[group].float(), dtype)
 
 
 class Trajectory:
@@ -98,12 +140,13 @@ class Trajectory:
             raise VlddError(f"{path}: incomplete or damaged trajectory ({exc}). Delete it and "
                             "rerun train_expert.") from exc
         self.attrs = dict(self.file.attrs)
+        self.dtype = str(self.attrs.get("params_dtype", "float32"))
 
     def params(self, group: str, epoch: int) -> torch.Tensor:
         if not 0 <= epoch <= self.n_epochs:
             raise VlddError(f"{self.path}: epoch {epoch} not recorded (0..{self.n_epochs}).")
         try:
-            return torch.from_numpy(self.file[group]["params"][epoch])
+            return decode(self.file[group]["params"][epoch], self.dtype)
         except OSError as exc:
             raise VlddError(f"{self.path}: cannot read epoch {epoch} of {group} ({exc}). "
                             "The file is truncated: delete it and rerun train_expert.") from exc
