@@ -4,6 +4,7 @@ implementations: checkpointed == exact == the benchmark's seed-code reference; c
 image tail is frozen; every engine leaves the random generators where exact leaves them."""
 from __future__ import annotations
 
+import copy
 import importlib.util
 from pathlib import Path
 
@@ -345,3 +346,87 @@ def test_checkpointed_distillation_is_exact_distillation(store):
     assert torch.allclose(sa[1], sb[1], rtol=1e-5, atol=1e-6)
     assert sa[2:4] == pytest.approx(sb[2:4], rel=1e-5)
     assert [c[1] for c in sa[4]] == pytest.approx([c[1] for c in sb[4]], rel=1e-5)
+
+
+class _Adapted(nn.Module):
+    """A frozen linear layer with a trainable low-rank adapter named as peft names them."""
+
+    def __init__(self):
+        super().__init__()
+        self.base = nn.Linear(16, 6)
+        self.base.requires_grad_(False)
+        self.lora_A = nn.Linear(16, 2, bias=False)
+        self.lora_B = nn.Linear(2, 6, bias=False)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        return torch.tanh(self.base(x) + self.lora_B(self.lora_A(x)))
+
+
+def test_heads_only_unrolls_lora_adapters_like_exact():
+    from vldd.engines import is_adapter_layout
+
+    model = _tiny_model()
+    torch.manual_seed(1)
+    model.tower.tail = _Adapted().double()
+    train_mode(model)
+    assert is_adapter_layout(model.layouts()["image"])
+    assert not is_adapter_layout(_tiny_model().layouts()["image"])
+    problem = _problem(model)
+    loss_e, g_e, _ = _run("exact", model, problem)
+    loss_h, g_h, _ = _run("heads-only", model, problem)
+    assert loss_h == loss_e and g_h[2] is not None
+    for name, a, b in zip(NAMES, g_h, g_e):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("conv,size", [
+    (dict(in_channels=6, out_channels=5, kernel_size=1, bias=False), 3),      # 1x1 as GEMM
+    (dict(in_channels=6, out_channels=6, kernel_size=3, padding=1, groups=6), 4),  # depthwise
+    (dict(in_channels=6, out_channels=6, kernel_size=3, stride=2, padding=1, groups=6), 4),
+    (dict(in_channels=6, out_channels=6, kernel_size=5, padding=2, groups=6, bias=False), 1),
+    (dict(in_channels=6, out_channels=6, kernel_size=3, stride=2, padding=1, groups=6), 5),
+    (dict(in_channels=6, out_channels=4, kernel_size=3, padding=1), 4),       # ordinary path
+    (dict(in_channels=6, out_channels=6, kernel_size=3, padding=1, groups=6), 20),  # large map
+])
+def test_gemm_convolution_is_the_same_function_to_second_order(conv, size):
+    from vldd.engines import _GemmConv2d
+
+    torch.manual_seed(0)
+    ref = nn.Conv2d(**conv).double()
+    fast = nn.Conv2d(**conv).double()
+    fast.load_state_dict(ref.state_dict())
+    fast.__class__ = _GemmConv2d
+    x = torch.randn(2, 6, size, size, dtype=torch.float64, requires_grad=True)
+    outs = []
+    for m in (ref, fast):
+        y = m(x)
+        gw, = torch.autograd.grad(y.pow(2).sum(), [m.weight], create_graph=True)
+        gx, = torch.autograd.grad(gw.pow(2).sum(), [x])   # through the double backward
+        outs.append((y, gw, gx))
+    for a, b in zip(*outs):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_unroll_tail_is_the_tail_to_second_order_on_efficientnet(lite0):
+    """The copy the engines unroll (GEMM convolutions, affine batch norms) is the same
+    function as the timm tail, with the same parameter names, to second order."""
+    from vldd.engines import _AffineBatchNorm, _GemmConv2d, unroll_tail
+
+    _, model, (theta0, _, _, _) = lite0
+    fast, buffers = unroll_tail(model)
+    kinds = {type(m) for m in fast.modules()}
+    assert any(issubclass(k, _GemmConv2d) for k in kinds)
+    assert any(issubclass(k, _AffineBatchNorm) for k in kinds)
+    assert [n for n, _ in fast.named_parameters()] == [n for n, _ in model.tail.named_parameters()]
+    torch.manual_seed(0)
+    x = model.tower.trunk(torch.randn(3, 3, 16, 16)).double().requires_grad_(True)
+    outs = []
+    for m in (model.tail, fast):
+        m = copy.deepcopy(m).double()
+        y = m(x)
+        gs = torch.autograd.grad(y.pow(2).sum(), list(m.parameters()), create_graph=True)
+        gx, = torch.autograd.grad(sum(g.pow(2).sum() for g in gs), [x])
+        outs.append((y, *gs, gx))
+    for a, b in zip(*outs):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-11)
