@@ -19,8 +19,9 @@ gradient w.r.t. the pixels, the text embeddings and the two lrs. They differ in 
       dL/dX   -= (dg_k/dX)^T (lr * lambda_{k+1})
       dL/dlr  -= g_k . lambda_{k+1}                            (per encoder)
 
-  Memory: one step's graph plus K/segment + segment snapshots; time: about one extra
-  gradient evaluation per step.
+  Memory: one step's graph plus K/segment + segment snapshots (and the trunk recomputed
+  in chunks of TRUNK_CHUNK images for the pixel gradient); time: about one extra gradient
+  evaluation per step.
 - ``constant-memory``: the TESLA gradient of LoRS (Cui et al. 2023; Xu et al. 2024). The
   same recurrence with lambda_k frozen at lambda_K, i.e. without the second-order terms
   H_k that carry a change of X_k into the later steps. An approximation; memory does not
@@ -430,15 +431,26 @@ def _vjp_step(replay, k, th_data, lrs, lam, dfeats, dtexts, need_hv):
     return (g_i.detach(), g_t.detach()), hv
 
 
+TRUNK_CHUNK = 16   # images per trunk recomputation in the recomputing engines
+
+
 def _pixel_grad(model, pixels, feats, dfeats, opts):
+    """dL/dpixels from dL/dfeats: the trunk recomputed with a graph, TRUNK_CHUNK images at
+    a time (it is per image: batch norms run on running statistics), so that its activations
+    never all live at once."""
     if not pixels.requires_grad:
         return None
     if feats is pixels:
         return dfeats
-    with torch.enable_grad():
-        again = trunk_features(model, pixels, opts, grad=True)
-        (g,) = torch.autograd.grad(again, [pixels], grad_outputs=dfeats.to(again.dtype))
-    return g
+    out = []
+    for i in range(0, len(pixels), TRUNK_CHUNK):
+        part = pixels[i:i + TRUNK_CHUNK].detach().requires_grad_(True)
+        with torch.enable_grad():
+            again = trunk_features(model, part, opts, grad=True)
+            (g,) = torch.autograd.grad(again, [part],
+                                       grad_outputs=dfeats[i:i + TRUNK_CHUNK].to(again.dtype))
+        out.append(g)
+    return torch.cat(out) if out else torch.zeros_like(pixels)
 
 
 def _lr_grads(lr_img, lr_txt, d_lr, image_unrolled):
