@@ -116,7 +116,7 @@ def distill_section(method):
     if method == METHOD:
         return base
     name = method[len(METHOD) + 1 :]
-    if not method.startswith(METHOD + "_") or name not in VARIANTS:
+    if not method.startswith(f"{METHOD}_") or name not in VARIANTS:
         raise WorkflowError(f"no distillation method '{method}': known are {METHODS}.")
     merged = json.loads(json.dumps(base))
     for key, value in (VARIANTS[name] or {}).items():
