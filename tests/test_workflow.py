@@ -271,6 +271,8 @@ def test_cross_architecture_evaluations_are_planned_per_distilled_set(tmp_path):
     text = out.stdout + out.stderr
     counts = job_counts(text)
     assert counts["evaluate_cross"] == 2 * 2 and counts["evaluate"] == 4  # archs x seeds
-    encoders = {m for m in re.findall(r'"image_encoder":\{"name":"([\w.]+)"', text)}
+    configs = [json.loads(c) for c in re.findall(r"--config-json '([^']*)'", text)]
+    encoders = {c["model"]["image_encoder"]["name"] for c in configs
+                if "image_encoder" in c.get("model", {})}
     assert encoders == {"tf_efficientnet_lite0", "resnet18", "tf_efficientnet_lite1"}
     assert "cross-lite1/distilled-mtt/n8/seed1.parquet" in text
