@@ -252,11 +252,12 @@ def child(spec: dict):
     engine, steps = spec["engine"], spec["syn_steps"]
     gc.collect()
     base = _reset_peak(s.dev)
-    times, loss = [], float("nan")
+    times, cpu, loss = [], [], float("nan")
+    load0 = os.getloadavg()[0]
     for it in range(spec["warmup"] + spec["iterations"]):
         if s.dev.type == "cuda":
             torch.cuda.synchronize(s.dev)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             loss_t, grads = s.run(engine, it, steps)
         except torch.OutOfMemoryError:
@@ -265,16 +266,19 @@ def child(spec: dict):
             return
         if s.dev.type == "cuda":
             torch.cuda.synchronize(s.dev)
-        dt = time.perf_counter() - t0
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
         loss = float(loss_t)
         del grads, loss_t
         if it >= spec["warmup"]:
             times.append(dt)
+            cpu.append(dc)
     peak = _peak(s.dev)
     times_sorted = sorted(times)
     print("RESULT " + json.dumps({
         "engine": engine, "syn_steps": steps, "times_s": times,
         "median_s": times_sorted[len(times) // 2], "min_s": times_sorted[0],
+        "cpu_s": cpu, "median_cpu_s": sorted(cpu)[len(cpu) // 2],
+        "loadavg_1min": [load0, os.getloadavg()[0]],
         "baseline_mb": base, "peak_mb": peak, "peak_over_setup_mb": peak - base,
         "loss": loss, "threads": torch.get_num_threads()}), flush=True)
 
@@ -366,21 +370,23 @@ def print_check(rows):
 
 
 def print_main(rows, ref):
-    print("\nPer iteration (median of the timed iterations; peak = memory above the state after "
-          "setup)")
-    print("| engine | s / iteration | peak MB | absolute peak MB | speed vs reference | "
-          "peak vs reference |")
-    print("|---|---|---|---|---|---|")
+    print("\nPer iteration (median of the timed iterations; CPU s: the process's CPU time, all "
+          "threads; peak: memory above the state after setup; load: the machine's 1-minute load "
+          "average before and after, this process included)")
+    print("| engine | s / iteration | CPU s / iteration | peak MB | absolute peak MB | "
+          "speed vs reference | peak vs reference | load (1 min) before, after |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['engine']} | error: {r['error'][:80]} | | | | |")
+            print(f"| {r['engine']} | error: {r['error'][:80]} | | | | | | |")
             continue
         sp = mem = "-"
         if ref and "error" not in ref:
             sp = f"{ref['median_s'] / r['median_s']:.2f}x"
             mem = f"{r['peak_over_setup_mb'] / ref['peak_over_setup_mb']:.2f}x"
-        print(f"| {r['engine']} | {r['median_s']:.3f} | {r['peak_over_setup_mb']:.0f} | "
-              f"{r['peak_mb']:.0f} | {sp} | {mem} |")
+        la = ", ".join(f"{v:.2f}" for v in r["loadavg_1min"])
+        print(f"| {r['engine']} | {r['median_s']:.3f} | {r['median_cpu_s']:.2f} | "
+              f"{r['peak_over_setup_mb']:.0f} | {r['peak_mb']:.0f} | {sp} | {mem} | {la} |")
 
 
 def print_sweep(sweep, steps_list):
@@ -524,7 +530,10 @@ def main(argv=None):
             print_sweep(sweep, steps_list)
     goals = targets(rows, sweep)
     if goals:
-        print("\nTargets")
+        default = parse([])
+        same = all(getattr(args, k) == getattr(default, k) for k in
+                   ("resolution", "budget", "syn_steps", "mini_batch", "trainable"))
+        print("\nTargets" + ("" if same else " (set for the default setting; this is another)"))
         for label, ok, value in goals:
             print(f"- {label}: {'holds' if ok else 'MISSES'} ({value})")
     try:
