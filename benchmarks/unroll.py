@@ -11,7 +11,8 @@ Engines (vldd.engines, selectable as distill.engine, plus the baseline written h
                    before every step (ReparamModule), the whole image encoder run on the
                    pixels at every inner step, the graph of all steps kept.
 - exact            vldd's default: functional_call on flat vectors, frozen trunk once per
-                   iteration, create_graph through all steps.
+                   iteration, create_graph through all steps (the tail evaluated through
+                   vldd.engines.unroll_tail: small-map convolutions as matrix products).
 - checkpointed     the same gradient by a hand-written reverse pass, recomputing each step.
 - constant-memory  the TESLA / LoRS gradient (an approximation: no second-order terms).
 - heads-only       the image encoder not unrolled; only the text head is.
