@@ -196,9 +196,11 @@ def test_epoch_count_disagreeing_with_rows_raises(tmp_path):
         Trajectory(path)
 
 
+@pytest.mark.parametrize("offsets", [False, True])
 @pytest.mark.parametrize("dtype,tol", [("float32", 0.0), ("float16", 1e-3), ("bfloat16", 8e-3)])
 @pytest.mark.parametrize("compression", ["none", "gzip", "lzf"])
-def test_storage_options_round_trip_within_their_precision(tmp_path, dtype, tol, compression):
+def test_storage_options_round_trip_within_their_precision(tmp_path, dtype, tol, compression,
+                                                           offsets):
     import h5py
     import torch
 
@@ -212,21 +214,84 @@ def test_storage_options_round_trip_within_their_precision(tmp_path, dtype, tol,
     with h5py.File(path, "w") as f:
         f.attrs["schema"] = "vldd/trajectory"
         f.attrs["n_epochs"] = 2
-        trajectory.create(f, layouts, 2, {"dtype": dtype, "compression": compression})
+        trajectory.create(f, layouts, 2, {"dtype": dtype, "compression": compression,
+                                          "offsets": offsets})
         for e in range(3):
             trajectory.write_row(f, e, {g: rows[g][e] for g in rows})
     t = Trajectory(path)
+    if offsets:  # base + offset is float32 arithmetic: exact to float32 rounding
+        tol = max(tol, 1e-6)
     for g in rows:
         for e in range(3):
             got = t.params(g, e)
             assert got.dtype == torch.float32
-            rel = ((got - rows[g][e]).abs() / rows[g][e].abs().clamp(min=1e-3)).max().item()
+            # offsets are rounded relative to their own size, |theta_e - theta_0|
+            scale = rows[g][e].abs() + (rows[g][0].abs() if offsets else 0)
+            rel = ((got - rows[g][e]).abs() / scale.clamp(min=1e-3)).max().item()
             assert rel <= tol, (g, e, rel)
     with h5py.File(path) as f:
         expected = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}[dtype]
         assert f["image/params"].dtype == expected
         assert f["image/params"].compression == (None if compression == "none" else compression)
+        assert ("base" in f["image"]) == offsets
     t.close()
+
+
+def _drifting_rows(n_epochs=10, size=4000, drift=1e-3):
+    """Parameters of order 1 that move by about `drift` per epoch, as a pretrained encoder
+    fine-tuned at a small lr: the epoch differences are tiny next to the values."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(size, generator=g)
+    steps = torch.randn(n_epochs, size, generator=g) * drift
+    return torch.cat([base[None], base + steps.cumsum(0)])
+
+
+def _stored(path, rows, storage):
+    layouts = {"image": ParamLayout(["w"], [(rows.shape[1],)]), "text": ParamLayout(["b"], [(2,)])}
+    with h5py.File(path, "w") as f:
+        f.attrs["schema"] = "vldd/trajectory"
+        f.attrs["n_epochs"] = len(rows) - 1
+        trajectory.create(f, layouts, len(rows) - 1, storage)
+        for e, row in enumerate(rows):
+            trajectory.write_row(f, e, {"image": row, "text": torch.ones(2)})
+    return Trajectory(path)
+
+
+def _worst_difference_error(t, rows, gap=2):
+    """Largest relative error of theta_{s+gap} - theta_s, the quantity the matching loss is
+    made of (its target offset and its normaliser)."""
+    worst = 0.0
+    for s in range(len(rows) - gap):
+        true = rows[s + gap] - rows[s]
+        got = t.params("image", s + gap) - t.params("image", s)
+        worst = max(worst, ((got - true).norm() / true.norm()).item())
+    return worst
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_offsets_keep_epoch_differences_at_the_dtypes_precision(tmp_path, dtype):
+    rows = _drifting_rows()
+    plain = _stored(tmp_path / "plain.h5", rows, {"dtype": dtype})
+    offset = _stored(tmp_path / "offset.h5", rows, {"dtype": dtype, "offsets": True})
+    eps = {"float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}[dtype]
+    # Rounding the values themselves loses most of a difference that is 1e-3 of them ...
+    assert _worst_difference_error(plain, rows) > 20 * eps
+    # ... rounding the offsets from the initial parameters keeps it to the dtype's precision.
+    assert _worst_difference_error(offset, rows) < 2 * eps
+    # Row 0 is the base plus its rounding residual: close to float32.
+    assert (offset.params("image", 0) - rows[0]).abs().max() <= 2 * eps * eps * rows[0].abs().max()
+    plain.close()
+    offset.close()
+
+
+def test_offsets_without_their_base_are_a_damaged_file(tmp_path):
+    t = _stored(tmp_path / "t.h5", _drifting_rows(n_epochs=2, size=10),
+                {"dtype": "float16", "offsets": True})
+    t.close()
+    with h5py.File(tmp_path / "t.h5", "a") as f:
+        del f["image/base"]
+    with pytest.raises(VlddError, match="damaged trajectory.*rerun train_expert"):
+        Trajectory(tmp_path / "t.h5")
 
 
 def test_unknown_storage_option_is_refused():

@@ -6,7 +6,11 @@ Layout::
                             n_epochs, lr_image, lr_text
     /image/params    [n_epochs + 1, n_image_params] in experts.storage.dtype (float32,
                      float16, or bfloat16 as uint16 bits; attrs params_dtype,
-                     params_compression), one chunk row per epoch; read back as float32
+                     params_compression, params_offsets), one chunk row per epoch; read
+                     back as float32
+    /image/base      [n_image_params], only with offsets: the initial parameters rounded to
+                     the storage dtype; row e of params is then the offset of epoch e from
+                     it (row 0: the rounding residual), and epoch e reads as base + row e
     /image/names     str [k]      parameter names, in module order
     /image/shapes    str [k]      JSON shape of each parameter
     /text/...        the same for the text head
@@ -69,10 +73,12 @@ def storage_spec(spec: dict | None) -> dict:
     spec = dict(spec or {})
     dtype = spec.get("dtype", "float32")
     compression = spec.get("compression", "none")
-    if dtype not in DTYPES or compression not in COMPRESSION:
-        raise VlddError(f"experts.storage: dtype must be one of {sorted(DTYPES)} and compression "
-                        f"one of {list(COMPRESSION)}, got {dtype!r} / {compression!r}.")
-    return {"dtype": dtype, "compression": compression}
+    offsets = spec.get("offsets", False)
+    if dtype not in DTYPES or compression not in COMPRESSION or not isinstance(offsets, bool):
+        raise VlddError(f"experts.storage: dtype must be one of {sorted(DTYPES)}, compression "
+                        f"one of {list(COMPRESSION)} and offsets true or false, got {dtype!r} / "
+                        f"{compression!r} / {offsets!r}.")
+    return {"dtype": dtype, "compression": compression, "offsets": offsets}
 
 
 def encode(flat: torch.Tensor, dtype: str) -> np.ndarray:
@@ -94,6 +100,7 @@ def create(f: h5py.File, layouts: dict, n_epochs: int, storage: dict | None = No
     storage = storage_spec(storage)
     f.attrs["params_dtype"] = storage["dtype"]
     f.attrs["params_compression"] = storage["compression"]
+    f.attrs["params_offsets"] = storage["offsets"]
     extra = {}
     if storage["compression"] == "gzip":
         extra = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
@@ -105,6 +112,10 @@ def create(f: h5py.File, layouts: dict, n_epochs: int, storage: dict | None = No
         chunked = {"chunks": (1, min(layout.size, 1 << 18)), **extra} if layout.size else {}
         g.create_dataset("params", shape=(n_epochs + 1, layout.size),
                          dtype=DTYPES[storage["dtype"]], track_times=False, **chunked)
+        if storage["offsets"]:
+            g.create_dataset("base", shape=(layout.size,), dtype=DTYPES[storage["dtype"]],
+                             track_times=False, **({**chunked, "chunks": chunked["chunks"][1:]}
+                                                   if chunked else {}))
         h5_dataset(g, "names", np.array(layout.names, dtype=h5py.string_dtype()))
         h5_dataset(g, "shapes", np.array([json.dumps(list(s)) for s in layout.shapes],
                                          dtype=h5py.string_dtype()))
@@ -114,9 +125,18 @@ def create(f: h5py.File, layouts: dict, n_epochs: int, storage: dict | None = No
 
 
 def write_row(f: h5py.File, epoch: int, flats: dict):
+    """Write epoch `epoch` (row 0 first: with offsets it sets the base)."""
     dtype = str(f.attrs.get("params_dtype", "float32"))
+    offsets = bool(f.attrs.get("params_offsets", False))
     for group in GROUPS:
-        f[group]["params"][epoch] = encode(flats[group].float(), dtype)
+        row = flats[group].float()
+        if offsets:
+            if epoch == 0:
+                f[group]["base"][...] = encode(row, dtype)
+            # The offset from the stored (rounded) base, so that differences between epochs,
+            # which the matching loss is made of, keep the dtype's relative precision.
+            row = row - decode(f[group]["base"][()], dtype)
+        f[group]["params"][epoch] = encode(row, dtype)
 
 
 class Trajectory:
@@ -141,12 +161,20 @@ class Trajectory:
                             "rerun train_expert.") from exc
         self.attrs = dict(self.file.attrs)
         self.dtype = str(self.attrs.get("params_dtype", "float32"))
+        self.offsets = bool(self.attrs.get("params_offsets", False))
+        if self.offsets and any("base" not in self.file[g] for g in GROUPS):
+            self.file.close()
+            raise VlddError(f"{path}: incomplete or damaged trajectory (params_offsets without "
+                            "base). Delete it and rerun train_expert.")
 
     def params(self, group: str, epoch: int) -> torch.Tensor:
         if not 0 <= epoch <= self.n_epochs:
             raise VlddError(f"{self.path}: epoch {epoch} not recorded (0..{self.n_epochs}).")
         try:
-            return decode(self.file[group]["params"][epoch], self.dtype)
+            row = decode(self.file[group]["params"][epoch], self.dtype)
+            if self.offsets:
+                row = decode(self.file[group]["base"][()], self.dtype) + row
+            return row
         except OSError as exc:
             raise VlddError(f"{self.path}: cannot read epoch {epoch} of {group} ({exc}). "
                             "The file is truncated: delete it and rerun train_expert.") from exc
