@@ -276,3 +276,36 @@ def test_cross_architecture_evaluations_are_planned_per_distilled_set(tmp_path):
                 if "image_encoder" in c.get("model", {})}
     assert encoders == {"tf_efficientnet_lite0", "resnet18", "tf_efficientnet_lite1"}
     assert "cross-lite1/distilled-mtt/n8/seed1.parquet" in text
+
+
+def test_tables_include_adds_other_runs_to_the_ablation_tables(tiny_run):
+    """Another encoder pair is another run (another model name); `tables.include` brings its
+    evaluations into this run's tables."""
+    from vldd.evaluate import _frame
+    from vldd.experts import METRIC_ORDER
+    from vldd.io import provenance, write_parquet
+
+    other = {"name": "vit-lora", "text_encoder": {"name": "all-MiniLM-L6-v2", "pooling": "mean"},
+             "image_encoder": {"name": "vit_tiny_patch16_224", "trainable": "lora",
+                               "lora": {"rank": 4}}}
+    for seed in (0, 1):
+        metrics = {m: 20.0 + seed for m in METRIC_ORDER}
+        write_parquet(_frame(metrics, "tiny", "distilled-mtt", 8, seed, "evaluate", "vit-lora"),
+                      tiny_run / f"results/tiny/eval/vit-lora/distilled-mtt/n8/seed{seed}.parquet",
+                      meta=provenance("eval", {"model": other, "evaluate": {}}, seed=seed))
+    include = "tables={include: ['results/tiny/eval/vit-lora/**/*.parquet']}"
+    out = snakemake(tiny_run, "-n", "--quiet", "rules", "--config", include)
+    # only the tables (and the figure drawn from them) are redone; no job of the other run
+    assert job_counts(out.stdout + out.stderr) == {"summarize": 1, "figure_recall": 1, "all": 1}
+    snakemake(tiny_run, "--config", include)
+    md = (tiny_run / "results/tables/ablations.md").read_text()
+    enc = md[md.index("Encoders and LoRA"):]
+    assert "| vit-lora: vit_tiny_patch16_224 (LoRA r4) + all-MiniLM-L6-v2 (mean) | 2 | 20.5 +- 0.7" \
+        in enc
+    assert "| tiny-model: tf_efficientnet_lite0 (" in enc
+    table = pd.read_parquet(tiny_run / "results/tables/retrieval.parquet")
+    assert {"tiny-model", "vit-lora"} <= set(table["model"])
+    bad = snakemake(tiny_run, "-n", "--config", "tables={include: ['results/nope/*.parquet']}",
+                    check=False)
+    assert bad.returncode != 0
+    assert "tables.include: 'results/nope/*.parquet' matches no file" in bad.stdout + bad.stderr

@@ -208,6 +208,28 @@ def eval_files():
     return out
 
 
+def included_eval_files():
+    """tables.include: evaluation tables of earlier runs with other configs (other encoder
+    pairs, LoRA), read as they are; they are not rebuilt by this run."""
+    import glob
+
+    own = set(eval_files())
+    out = []
+    for pattern in config.get("tables", {}).get("include", []):
+        found = sorted(glob.glob(pattern, recursive=True))
+        if not found:
+            raise WorkflowError(
+                f"tables.include: '{pattern}' matches no file. Run the workflow with the "
+                "config that produces those evaluations first, or fix the pattern (paths are "
+                "relative to the directory snakemake runs in).")
+        bad = [f for f in found if not f.endswith(".parquet")]
+        if bad:
+            raise WorkflowError(f"tables.include: '{pattern}' matches {bad[0]}, which is not "
+                                "an evaluation Parquet file (results/<dataset>/eval/...).")
+        out += [f for f in found if f not in own and f not in out]
+    return out
+
+
 def cross_model(arch):
     """The model config of a cross-architecture evaluation: another image encoder, the same
     text side (the distilled texts live in its embedding space)."""
@@ -233,5 +255,6 @@ def get_final_output():
     return [
         "results/tables/retrieval.md",
         "results/tables/retrieval.parquet",
+        "results/tables/ablations.md",
         *figure_files(),
     ]

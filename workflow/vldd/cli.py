@@ -83,7 +83,7 @@ def cmd_train_full(a, cfg):
 
 def cmd_summarize(a, cfg):
     from .tables import summarize
-    summarize(a.inputs, a.out_parquet, a.out_md)
+    summarize(a.inputs, a.out_parquet, a.out_md, a.out_ablations, a.main_method)
 
 
 def cmd_figures(a, cfg):
@@ -161,6 +161,10 @@ def build_parser():
     s.add_argument("--inputs", required=True, type=Path, nargs="+")
     s.add_argument("--out-parquet", required=True, type=Path)
     s.add_argument("--out-md", required=True, type=Path)
+    s.add_argument("--out-ablations", type=Path, default=None,
+                   help="also write the ablation tables (encoders and LoRA, variants, "
+                        "cross-architecture) as Markdown")
+    s.add_argument("--main-method", default="mtt", help="distill.method of the main run")
     s = stage("figures", cmd_figures, "the paper's figures from distilled sets and tables",
               inputs=())
     for name_ in ("data", "embeddings", "pairs", "curve", "table", "out-examples", "out-curve",

@@ -1,11 +1,13 @@
 """summarize: every evaluation table into results/tables (long Parquet + a Markdown table)."""
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 
 from .errors import VlddError
 from .experts import METRIC_ORDER
-from .io import atomic_path, provenance, write_parquet
+from .io import atomic_path, provenance, read_parquet_meta, write_parquet
 
 METHOD_ORDER = ("coreset-random", "coreset-herding", "coreset-kcenter", "coreset-forgetting")
 
@@ -24,14 +26,97 @@ def _letter(method: str) -> str:
     return letters.get(method, "distilled" if method.startswith("distilled") else "")
 
 
-def summarize(eval_paths, out_parquet, out_md):
+def _encoders(path) -> str:
+    """'image encoder (trainable) + text encoder (pooling)' from an evaluation table's
+    provenance, for the encoder ablation; empty when it is not recorded."""
+    try:
+        model = json.loads(read_parquet_meta(path).get("config_json", "{}")).get("model", {})
+    except (ValueError, AttributeError):
+        return ""
+    img, txt = model.get("image_encoder") or {}, model.get("text_encoder") or {}
+    if not img:
+        return ""
+    trainable = img.get("trainable", "all")
+    if trainable == "lora":
+        lora = img.get("lora") or {}
+        trainable = f"LoRA r{lora.get('rank', 8)}"
+    return f"{img.get('name', '?')} ({trainable}) + {txt.get('name', '?')} ({txt.get('pooling', '?')})"
+
+
+def _cells(by) -> str:
+    cells = []
+    for m in METRIC_ORDER:
+        mean, std = by.loc[m, "mean"], by.loc[m, "std"]
+        cells.append(f"{mean:.1f} +- {0.0 if pd.isna(std) else std:.1f}")
+    return " | ".join(cells)
+
+
+def ablation_lines(long: pd.DataFrame, main_method: str = "mtt") -> list:
+    """The ablation tables of the paper, from the distilled sets' evaluations: per dataset
+    and budget, (1) encoders and LoRA: the main distillation of every model (encoder pair);
+    (2) single modality and initialisation: the main distillation and its variants, per
+    model; (3) cross-architecture: each model's distilled sets trained with other image
+    encoders. Rows appear only for what was run."""
+    main = f"distilled-{main_method}"
+    dist = long[long["method"].str.startswith("distilled")]
+    header = ("| {} | seeds | " + " | ".join(METRIC_ORDER) + " |\n"
+              "|---|---|" + "---|" * len(METRIC_ORDER))
+    lines = ["# Ablations (distilled sets), mean +- std over evaluation seeds", "",
+             f"The main distillation is `{main}`; variants are `{main}_<name>` "
+             "(`distill.variants`), other encoder pairs are other models (their evaluations "
+             "added with `tables.include`), cross-architecture runs are `<model>@<label>` "
+             "(`evaluate.cross_architectures`). TR = image-to-text, IR = text-to-image recall "
+             "in percent.", ""]
+    if dist.empty:
+        return lines + ["No distilled sets were evaluated.", ""]
+    stats = (dist.groupby(["dataset", "model", "encoders", "method", "budget", "metric"],
+                          dropna=False)["value"].agg(["mean", "std", "count"]).reset_index())
+
+    def rows(block, label):
+        out = []
+        for key, grp in block.groupby(["model", "encoders", "method"], sort=True, dropna=False):
+            by = grp.set_index("metric")
+            out.append(f"| {label(*key)} | {int(by['count'].iloc[0])} | {_cells(by)} |")
+        return out
+
+    for dataset, block in stats.groupby("dataset", sort=True):
+        lines += [f"## {dataset or '(dataset)'}", ""]
+        for budget, b in block.groupby("budget", sort=True):
+            lines += [f"### {budget} pairs", ""]
+            cross = b["model"].str.contains("@", regex=False)
+            enc = b[~cross & (b["method"] == main)]
+            if len(enc):
+                lines += ["Encoders and LoRA (image encoder (trained part) + text encoder "
+                          "(pooling)):", "", header.format("model")]
+                lines += rows(enc, lambda m, e, _: f"{m}: {e}" if e else m)
+                lines.append("")
+            var = b[~cross]
+            if (var["method"] != main).any():
+                lines += ["Single modality and initialisation (`distill.variants`):", "",
+                          header.format("model / method")]
+                lines += rows(var, lambda m, _e, meth: f"{m} / {meth}")
+                lines.append("")
+            if cross.any():
+                base = b[b["model"].isin(set(b.loc[cross, "model"].str.split("@").str[0]))]
+                xb = pd.concat([base[~base["model"].str.contains("@", regex=False)], b[cross]])
+                lines += ["Cross-architecture (distilled with the model's image encoder, "
+                          "trained and tested with another):", "",
+                          header.format("trained with / method")]
+                lines += rows(xb, lambda m, e, meth: f"{m.split('@')[1] if '@' in m else 'same (' + m + ')'} / {meth}")
+                lines.append("")
+    return lines
+
+
+def summarize(eval_paths, out_parquet, out_md, out_ablations=None, main_method="mtt"):
     frames = []
     for p in eval_paths:
         try:
-            frames.append(pd.read_parquet(p))
+            frame = pd.read_parquet(p)
         except Exception as exc:  # noqa: BLE001
             raise VlddError(f"{p}: unreadable evaluation table ({exc}); delete it and rerun "
                             "evaluate.") from exc
+        frame["encoders"] = _encoders(p)
+        frames.append(frame)
     if not frames:
         raise VlddError("summarize got no evaluation tables.")
     long = pd.concat(frames, ignore_index=True)
@@ -65,5 +150,8 @@ def summarize(eval_paths, out_parquet, out_md):
             lines.append(f"| {_letter(method)} | {method} | {int(by['count'].iloc[0])} | "
                          + " | ".join(cells) + " |")
         lines.append("")
+    if out_ablations is not None:
+        with atomic_path(out_ablations) as tmp:
+            tmp.write_text("\n".join(ablation_lines(long, main_method)))
     with atomic_path(out_md) as tmp:
         tmp.write_text("\n".join(lines))
