@@ -20,16 +20,21 @@ EXTRA=()
 for f in "$@"; do EXTRA+=("$(realpath "$f")"); done
 mkdir -p "$WORK/exact" "$WORK/default"
 WORK=$(realpath "$WORK")
+# only the distillation is compared: no coresets, no full-data runs
 cat > "$WORK/exact.yaml" <<'YAML'
 experts:
   storage: {dtype: float32, compression: none, offsets: false}
+coresets: {kinds: []}
+full: {enabled: false}
 YAML
-: > "$WORK/default.yaml"
+cat > "$WORK/default.yaml" <<'YAML'
+coresets: {kinds: []}
+full: {enabled: false}
+YAML
 for run in exact default; do
     (cd "$WORK/$run" && snakemake --snakefile "$ROOT/Snakefile" --cores "${CORES:-2}" \
         --resources gpu="${CORES:-2}" --configfile "$ROOT/config/config.yaml" "${EXTRA[@]}" \
-        "$WORK/$run.yaml" --config "coresets={kinds: []}" "full={enabled: false}" \
-        --quiet rules > "$WORK/$run.log" 2>&1) || { echo "run $run failed: $WORK/$run.log"; exit 1; }
+        "$WORK/$run.yaml" --quiet rules > "$WORK/$run.log" 2>&1) || { echo "run $run failed: $WORK/$run.log"; exit 1; }
 done
 python - "$WORK" <<'PY'
 import sys
