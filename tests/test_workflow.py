@@ -230,6 +230,25 @@ def test_paper_config_plans_the_papers_experiments(tmp_path, paper):
         "all": 1}, counts
 
 
+def test_emoji_benchmark_config_reads_its_data_path_from_config(tmp_path):
+    """config/emoji.yaml on the default: the data path is a config value (here a Karpathy
+    fixture); budgets 50/100/200, the four coresets, 3 seeds, full data."""
+    ann = _karpathy_fixture(tmp_path / "raw")
+    out = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "-n", "-p",
+         "--cores", "2", "--configfile", str(REPO / "config" / "config.yaml"),
+         str(REPO / "config" / "emoji.yaml"), "--config",
+         f"dataset={{karpathy: {{annotations: '{ann}', image_root: '{tmp_path / 'raw' / 'imgs'}'}}}}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout + out.stderr
+    counts = job_counts(text)
+    assert counts["distill"] == 3 and counts["select_coreset"] == 12
+    assert counts["evaluate"] == 5 * 3 * 3 and counts["train_full"] == 3
+    prep = json.loads(re.search(r"prepare-dataset --config-json '([^']*)'", text).group(1))
+    assert prep["dataset"]["name"] == "emoji" and prep["dataset"]["karpathy"]["annotations"] == str(ann)
+
+
 def test_ablation_variants_are_more_distillations_that_the_summary_picks_up(tmp_path):
     cfg = yaml.safe_load(TINY.read_text())
     cfg["distill"]["variants"] = {"textonly": {"learn_images": False},
