@@ -13,7 +13,7 @@ from .data import load_prepared
 from .embed import load_embeddings
 from .errors import VlddError
 from .io import config_hash, h5_dataset, h5_writer, open_h5, provenance
-from .model import build_model, logit_scale, resolve_device, retrieval, trunk_features
+from .model import build_model, logit_scale, real_features, resolve_device, retrieval
 from .train import train_contrastive
 from . import trajectory
 
@@ -25,7 +25,9 @@ METRIC_ORDER = ("TR@1", "TR@5", "TR@10", "IR@1", "IR@5", "IR@10")
 class RealData:
     """Trunk features of the real images of a split, and the split's (image, caption) pairs.
 
-    The trunk is frozen, so its features are computed once for the whole split.
+    The trunk is frozen, so its features are computed once for the whole split; without a
+    trunk (`trainable: all` or `lora`) the uint8 images are normalised per batch instead
+    (model.PixelBatches).
     """
 
     def __init__(self, prepared, embeddings, model, split, device):
@@ -36,7 +38,7 @@ class RealData:
         self.pair_img = torch.as_tensor([pos[int(i)] for i in caps["image_index"]],
                                         dtype=torch.long)
         self.texts = torch.as_tensor(embeddings[self.caption_ids]).to(device)
-        self.feats = trunk_features(model.tower, prepared.images[self.image_ids], device)
+        self.feats = real_features(model.tower, prepared.images[self.image_ids], device)
         self.pair_txt = torch.arange(len(self.caption_ids))
 
     def __len__(self):
