@@ -119,8 +119,9 @@ class Distiller:
         start = int(self.rng.integers(0, int(cfg["max_start_epoch"])))
         target_epoch = start + int(cfg["expert_epochs"])
         traj = self.experts[e]
-        theta0 = {g: traj.params(g, start).to(self.dev) for g in ("image", "text")}
-        target = {g: traj.params(g, target_epoch).to(self.dev) for g in ("image", "text")}
+        rows = {g: traj.rows(g, start, target_epoch) for g in ("image", "text")}
+        theta0 = {g: rows[g][0].to(self.dev) for g in rows}
+        target = {g: rows[g][1].to(self.dev) for g in rows}
         train_mode(self.model)
         loss, grads = meta_gradient(
             self.engine, self.model, self.layouts, theta0, target, self.images, self.texts,

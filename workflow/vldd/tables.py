@@ -143,12 +143,8 @@ def summarize(eval_paths, out_parquet, out_md, out_ablations=None, main_method="
                 lines += ([""] if current else []) + [f"### {section}", "", header]
                 current = section
             by = grp.set_index("metric")
-            cells = []
-            for m in METRIC_ORDER:
-                mean, std = by.loc[m, "mean"], by.loc[m, "std"]
-                cells.append(f"{mean:.1f} +- {0.0 if pd.isna(std) else std:.1f}")
             lines.append(f"| {_letter(method)} | {method} | {int(by['count'].iloc[0])} | "
-                         + " | ".join(cells) + " |")
+                         f"{_cells(by)} |")
         lines.append("")
     if out_ablations is not None:
         with atomic_path(out_ablations) as tmp:

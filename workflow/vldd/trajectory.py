@@ -168,15 +168,22 @@ class Trajectory:
                             "base). Delete it and rerun train_expert.")
 
     def params(self, group: str, epoch: int) -> torch.Tensor:
-        if not 0 <= epoch <= self.n_epochs:
-            raise VlddError(f"{self.path}: epoch {epoch} not recorded (0..{self.n_epochs}).")
+        return self.rows(group, epoch)[0]
+
+    def rows(self, group: str, *epochs: int) -> list:
+        """The parameters of `group` at each of `epochs` (float32); with offsets the base is
+        read once for all of them."""
+        for epoch in epochs:
+            if not 0 <= epoch <= self.n_epochs:
+                raise VlddError(f"{self.path}: epoch {epoch} not recorded (0..{self.n_epochs}).")
         try:
-            row = decode(self.file[group]["params"][epoch], self.dtype)
+            out = [decode(self.file[group]["params"][epoch], self.dtype) for epoch in epochs]
             if self.offsets:
-                row = decode(self.file[group]["base"][()], self.dtype) + row
-            return row
+                base = decode(self.file[group]["base"][()], self.dtype)
+                out = [base + row for row in out]
+            return out
         except OSError as exc:
-            raise VlddError(f"{self.path}: cannot read epoch {epoch} of {group} ({exc}). "
+            raise VlddError(f"{self.path}: cannot read epochs {list(epochs)} of {group} ({exc}). "
                             "The file is truncated: delete it and rerun train_expert.") from exc
 
     def check_layout(self, group: str, layout: ParamLayout):
