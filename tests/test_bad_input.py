@@ -159,8 +159,8 @@ def test_diverging_distillation_keeps_the_last_good_checkpoint(store, tmp_path):
     d = Distiller(store / "data", store / "emb.h5", experts, MODEL, cfg, 6, "cpu")
     d.step()
     d.step()
-    d.lr_img.data.fill_(1e6)
-    d.lr_txt.data.fill_(1e6)
+    for p in d.lr_params:
+        p.data.fill_(1e6)
     ckpt = tmp_path / "d" / "pairs.h5.ckpt.h5"
     ckpt.parent.mkdir()
     d.save_checkpoint(ckpt, checkpoint_key(MODEL, cfg, 6, experts))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,41 @@ def _check_schedule(cfg, n_epochs, path):
         raise VlddError(f"{path}: has {n_epochs} epochs, but distill.max_start_epoch "
                         f"({cfg['max_start_epoch']}) - 1 + distill.expert_epochs "
                         f"({cfg['expert_epochs']}) = {need}. Train longer experts or lower them.")
+
+
+# The curve: one row per iteration. term_*: each encoder's normalised matching term;
+# grad_*: the norm of the meta-gradient of the pixels, the texts and each lr; step_*: the
+# update of the pixels / texts relative to their norm.
+DIAGNOSTICS = ["term_image", "term_text", "grad_images", "grad_texts", "grad_lr_image",
+               "grad_lr_text", "step_images", "step_texts"]
+CURVE_COLUMNS = ["iteration", "matching_loss", "lr_image", "lr_text", "expert",
+                 "start_epoch"] + DIAGNOSTICS
+
+
+def _norm(t):
+    return float("nan") if t is None else float(t.detach().float().norm())
+
+
+def _diagnostics(terms, grads, before, after):
+    out = [float(terms[g]) if g in terms else float("nan") for g in ("image", "text")]
+    out += [_norm(g) for g in grads]
+    out += [_norm(a - b) / max(_norm(b), 1e-12) for a, b in zip(after, before)]
+    return out
+
+
+# optimiser state in a checkpoint: state key -> HDF5 group (momentum keeps its old name)
+_STATE_GROUPS = {"momentum_buffer": "momentum", "exp_avg": "exp_avg",
+                 "exp_avg_sq": "exp_avg_sq", "step": "step"}
+
+
+def _optimizer(cfg, params, lr):
+    """The optimiser of one kind of distilled tensor (pixels, texts or the lrs):
+    distill.optimizer sgd (with distill.momentum, as the seed code) or adam (per-element
+    steps of about lr whatever the gradient's scale)."""
+    kind = str(cfg.get("optimizer", "sgd"))
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=(float(cfg.get("momentum", 0.5)), 0.999))
+    return torch.optim.SGD(params, lr=lr, momentum=float(cfg.get("momentum", 0.5)))
 
 
 class Distiller:
@@ -92,52 +128,86 @@ class Distiller:
         self.init_images, self.init_texts = images.clone(), texts.clone()
         self.images = images.to(self.dev).requires_grad_(True)
         self.texts = texts.to(self.dev).requires_grad_(True)
+        # the learnable student lrs: the lrs themselves (linear) or their logarithms (log)
+        self.lr_space = str(cfg.get("lr_space", "linear"))
         lr0 = float(cfg["lr_init"])
-        self.lr_img = torch.tensor(lr0, device=self.dev, requires_grad=True)
-        self.lr_txt = torch.tensor(lr0, device=self.dev, requires_grad=True)
-        mom = float(cfg.get("momentum", 0.5))
-        self.opt_img = torch.optim.SGD([self.images], lr=float(cfg["lr_image"]), momentum=mom)
-        self.opt_txt = torch.optim.SGD([self.texts], lr=float(cfg["lr_text"]), momentum=mom)
-        self.opt_lr = torch.optim.SGD([self.lr_img, self.lr_txt], lr=float(cfg["lr_lr"]),
-                                      momentum=mom)
+        raw = math.log(lr0) if self.lr_space == "log" else lr0
+        self.lr_params = [torch.tensor(raw, device=self.dev, requires_grad=True)
+                          for _ in range(2)]
+        self.opt_img = _optimizer(cfg, [self.images], float(cfg["lr_image"]))
+        self.opt_txt = _optimizer(cfg, [self.texts], float(cfg["lr_text"]))
+        self.opt_lr = _optimizer(cfg, self.lr_params, float(cfg["lr_lr"]))
         self.learn = {"image": cfg.get("learn_images", True), "text": cfg.get("learn_texts", True)}
         self.rng = np.random.default_rng(seed)
         self.gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)  # dropout inside the unroll
         self.order = []
+        self.saved = False      # a checkpoint of this run exists
         self.iteration = 0
         self.curve = []
+
+    @property
+    def lr_img(self):
+        return self._lr(0)
+
+    @property
+    def lr_txt(self):
+        return self._lr(1)
+
+    def _lr(self, i):
+        p = self.lr_params[i].detach()
+        return p.exp() if self.lr_space == "log" else p
 
     def _next_expert(self):
         if not self.order:
             self.order = list(self.rng.permutation(len(self.experts)))
         return int(self.order.pop(0))
 
-    def step(self):
+    def _segment(self):
+        """One (expert, start epoch) segment: its matching loss, per-encoder terms and the
+        meta-gradients of pixels, texts and the two lrs (w.r.t. the lrs themselves)."""
         cfg = self.cfg
         e = self._next_expert()
         start = int(self.rng.integers(0, int(cfg["max_start_epoch"])))
         target_epoch = start + int(cfg["expert_epochs"])
-        traj = self.experts[e]
-        rows = {g: traj.rows(g, start, target_epoch) for g in ("image", "text")}
+        rows = {g: self.experts[e].rows(g, start, target_epoch) for g in ("image", "text")}
         theta0 = {g: rows[g][0].to(self.dev) for g in rows}
         target = {g: rows[g][1].to(self.dev) for g in rows}
-        train_mode(self.model)
+        lrs = [self._lr(i).clone().requires_grad_(True) for i in range(2)]
+        terms = {}
         loss, grads = meta_gradient(
             self.engine, self.model, self.layouts, theta0, target, self.images, self.texts,
-            self.lr_img, self.lr_txt, syn_steps=int(cfg["syn_steps"]),
-            mini_batch=int(cfg["mini_batch"]),
-            scale=logit_scale(self.model_cfg, inner_loop=True), gen=self.gen, opts=self.opts)
-        value = float(loss)
-        if not np.isfinite(value):
-            raise VlddError(
-                f"distillation diverged at iteration {self.iteration}: matching loss {value}, "
-                f"lr_image {float(self.lr_img.detach()):.4g}, lr_text {float(self.lr_txt.detach()):.4g}. Lower "
-                "distill.lr_image / lr_text / lr_lr, or syn_steps. The last checkpoint is kept.")
+            lrs[0], lrs[1], syn_steps=int(cfg["syn_steps"]), mini_batch=int(cfg["mini_batch"]),
+            scale=logit_scale(self.model_cfg, inner_loop=True), gen=self.gen, opts=self.opts,
+            terms=terms)
+        return e, start, float(loss), terms, grads
+
+    def step(self):
+        cfg = self.cfg
+        train_mode(self.model)
+        n = int(cfg.get("segments", 1))
+        total, terms, grads = 0.0, {}, [None] * 4
+        for _ in range(n):       # the meta-gradients of n segments, averaged
+            e, start, value, t, g = self._segment()
+            if not np.isfinite(value):
+                raise VlddError(
+                    f"distillation diverged at iteration {self.iteration}: matching loss "
+                    f"{value}, lr_image {float(self.lr_img):.4g}, lr_text "
+                    f"{float(self.lr_txt):.4g}. Lower distill.lr_image / lr_text / lr_lr, or "
+                    "syn_steps." + (" The last checkpoint is kept." if self.saved else ""))
+            total += value / n
+            for k, v in t.items():
+                terms[k] = terms.get(k, 0.0) + v / n
+            grads = [a if b is None else (b / n if a is None else a + b / n)
+                     for a, b in zip(grads, g)]
+        value = total
+        if self.lr_space == "log":   # d/dlog(lr) = lr * d/dlr
+            grads[2:] = [None if g is None else g * self._lr(i) for i, g in enumerate(grads[2:])]
         for opt in (self.opt_img, self.opt_txt, self.opt_lr):
             opt.zero_grad(set_to_none=True)
-        for p, g in zip((self.images, self.texts, self.lr_img, self.lr_txt), grads):
+        for p, g in zip((self.images, self.texts, *self.lr_params), grads):
             p.grad = g
+        before = (self.images.detach().clone(), self.texts.detach().clone())
         if self.learn["image"]:
             self.opt_img.step()
         if self.learn["text"]:
@@ -146,10 +216,13 @@ class Distiller:
             self.opt_lr.step()
             lr_min = cfg.get("lr_min")
             if lr_min is not None:  # the seed code lets lrs go negative; a floor keeps them usable
+                floor = math.log(float(lr_min)) if self.lr_space == "log" else float(lr_min)
                 with torch.no_grad():
-                    self.lr_img.clamp_(min=float(lr_min))
-                    self.lr_txt.clamp_(min=float(lr_min))
-        self.curve.append((self.iteration, value, float(self.lr_img.detach()), float(self.lr_txt.detach()), e, start))
+                    for p in self.lr_params:
+                        p.clamp_(min=floor)
+        diag = _diagnostics(terms, grads, before, (self.images.detach(), self.texts.detach()))
+        self.curve.append((self.iteration, value, float(self.lr_img), float(self.lr_txt), e,
+                           start, *diag))
         self.iteration += 1
         return value
 
@@ -158,7 +231,7 @@ class Distiller:
     def _state(self):
         return {
             "images": self.images.detach().cpu().numpy(), "texts": self.texts.detach().cpu().numpy(),
-            "lrs": np.array([float(self.lr_img.detach()), float(self.lr_txt.detach())]),
+            "lrs": np.array([float(p.detach()) for p in self.lr_params]),
             "iteration": self.iteration, "order": self.order, "curve": self.curve,
             "rng": self.rng.bit_generator.state, "gen": self.gen.get_state().numpy(),
             "torch_rng": torch.get_rng_state().numpy(),
@@ -167,6 +240,7 @@ class Distiller:
 
     def save_checkpoint(self, path, key):
         s = self._state()
+        self.saved = True
         with h5_writer(path, {"schema": "vldd/checkpoint", "key": key,
                               "iteration": s["iteration"]}) as f:
             for name in ("images", "texts", "lrs", "gen", "torch_rng"):
@@ -175,8 +249,10 @@ class Distiller:
                 # keyed by the parameter's index in its optimiser: a parameter without a
                 # gradient so far (the image lr of heads-only) has no state
                 for j, buf in st["state"].items():
-                    if buf.get("momentum_buffer") is not None:
-                        h5_dataset(f, f"momentum/{i}_{j}", buf["momentum_buffer"].cpu().numpy())
+                    for name, value in buf.items():
+                        if torch.is_tensor(value):  # SGD: momentum_buffer; Adam: exp_avg, ...
+                            h5_dataset(f, f"{_STATE_GROUPS.get(name, name)}/{i}_{j}",
+                                       value.cpu().numpy())
             f.attrs["meta"] = json.dumps({"order": [int(x) for x in s["order"]],
                                           "curve": s["curve"], "rng": s["rng"]})
 
@@ -196,8 +272,8 @@ class Distiller:
             with torch.no_grad():
                 self.images.copy_(torch.as_tensor(f["images"][()]))
                 self.texts.copy_(torch.as_tensor(f["texts"][()]))
-                self.lr_img.fill_(float(f["lrs"][0]))
-                self.lr_txt.fill_(float(f["lrs"][1]))
+                for p, v in zip(self.lr_params, f["lrs"][()]):
+                    p.fill_(float(v))
             self.gen.set_state(torch.as_tensor(f["gen"][()]))
             torch.set_rng_state(torch.as_tensor(f["torch_rng"][()]))
             meta = json.loads(f.attrs["meta"])
@@ -208,22 +284,24 @@ class Distiller:
             for i, opt in enumerate((self.opt_img, self.opt_txt, self.opt_lr)):
                 params = opt.param_groups[0]["params"]
                 for j, p in enumerate(params):
-                    name = f"momentum/{i}_{j}"
-                    if name in f:
-                        opt.state[p]["momentum_buffer"] = torch.as_tensor(f[name][()]).to(self.dev)
+                    for key, group in _STATE_GROUPS.items():
+                        name = f"{group}/{i}_{j}"
+                        if name in f:
+                            value = torch.as_tensor(f[name][()])
+                            opt.state[p][key] = value if key == "step" else value.to(self.dev)
+        self.saved = True
         log.info("resumed from %s at iteration %d", path, self.iteration)
         return True
 
     def pairset(self):
         return PairSet(self.images.detach().cpu().numpy(), self.texts.detach().cpu().numpy(),
                        self.caption_ids, kind="distilled", method=self.cfg.get("method", "mtt"),
-                       mean=self.mean, std=self.std, lr_image=float(self.lr_img.detach()),
-                       lr_text=float(self.lr_txt.detach()), init_images=self.init_images.numpy(),
+                       mean=self.mean, std=self.std, lr_image=float(self.lr_img),
+                       lr_text=float(self.lr_txt), init_images=self.init_images.numpy(),
                        init_texts=self.init_texts.numpy())
 
     def curve_frame(self):
-        return pd.DataFrame(self.curve, columns=["iteration", "matching_loss", "lr_image",
-                                                 "lr_text", "expert", "start_epoch"])
+        return pd.DataFrame(self.curve, columns=CURVE_COLUMNS)
 
 
 def checkpoint_key(model_cfg, cfg, budget, expert_paths) -> str:
@@ -254,8 +332,8 @@ def distill(data_dir, embeddings_path, expert_paths, model_cfg, cfg, budget, out
         while d.iteration < iterations:
             loss = d.step()
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr_img=f"{float(d.lr_img.detach()):.3g}",
-                            lr_txt=f"{float(d.lr_txt.detach()):.3g}")
+            bar.set_postfix(loss=f"{loss:.4f}", lr_img=f"{float(d.lr_img):.3g}",
+                            lr_txt=f"{float(d.lr_txt):.3g}")
             if every and d.iteration % every == 0 and d.iteration < iterations:
                 d.save_checkpoint(checkpoint, key)
     prov = provenance("pairset", section, seed=int(cfg.get("seed", 0)),

@@ -264,15 +264,27 @@ def step_loss(model, layouts, th_i, th_t, feats_b, texts_b, scale):
     return contrastive_loss(img_f, txt_f, scale)
 
 
-def matching_loss(end: dict, start: dict, target: dict, groups=GROUPS):
-    """Sum over encoders of |end - target|^2 / |start - target|^2 (empty encoders skipped)."""
-    total = 0.0
+def matching_terms(end: dict, start: dict, target: dict, groups=GROUPS) -> dict:
+    """Per encoder, |end - target|^2 / |start - target|^2 (empty encoders skipped)."""
+    terms = {}
     for group in groups:
         if end[group].numel() == 0:
             continue
         num = (end[group] - target[group]).pow(2).sum()
         den = (start[group] - target[group]).pow(2).sum()
-        total = total + num / den
+        terms[group] = num / den
+    return terms
+
+
+def matching_loss(end: dict, start: dict, target: dict, groups=GROUPS, terms=None):
+    """Sum over encoders of |end - target|^2 / |start - target|^2 (empty encoders skipped).
+    `terms`, when a dict, receives each encoder's term (detached)."""
+    parts = matching_terms(end, start, target, groups)
+    if terms is not None:
+        terms.update({g: t.detach() for g, t in parts.items()})
+    total = 0.0
+    for t in parts.values():
+        total = total + t
     return total
 
 
@@ -320,11 +332,11 @@ def unroll(model, layouts, theta0: dict, feats, texts, lr_img, lr_txt, *, syn_st
 
 
 def _exact(model, layouts, theta0, target, pixels, texts, lr_img, lr_txt, *, syn_steps,
-           mini_batch, scale, gen, opts):
+           mini_batch, scale, gen, opts, terms=None):
     feats = trunk_features(model, pixels, opts)
     end = unroll(model, layouts, theta0, feats, texts, lr_img, lr_txt, syn_steps=syn_steps,
                  mini_batch=mini_batch, scale=scale, gen=gen)
-    loss = matching_loss(end, theta0, target)
+    loss = matching_loss(end, theta0, target, terms=terms)
     return loss.detach(), _grads(loss, [pixels, texts, lr_img, lr_txt])
 
 
@@ -338,11 +350,11 @@ def is_adapter_layout(layout) -> bool:
 
 
 def _heads_only(model, layouts, theta0, target, pixels, texts, lr_img, lr_txt, *, syn_steps,
-                mini_batch, scale, gen, opts):
+                mini_batch, scale, gen, opts, terms=None):
     if is_adapter_layout(layouts["image"]):
         return _exact(model, layouts, theta0, target, pixels, texts, lr_img, lr_txt,
                       syn_steps=syn_steps, mini_batch=mini_batch, scale=scale, gen=gen,
-                      opts=opts)
+                      opts=opts, terms=terms)
     feats = trunk_features(model, pixels, opts)
     img_f = tail_call(model, layouts["image"], theta0["image"], feats)
     idx = batches(gen, len(texts), mini_batch, syn_steps, texts.device)
@@ -354,7 +366,7 @@ def _heads_only(model, layouts, theta0, target, pixels, texts, lr_img, lr_txt, *
         (g_t,) = torch.autograd.grad(loss, [th_t], create_graph=True)
         th_t = th_t - lr_txt * g_t
     loss = matching_loss({"image": theta0["image"], "text": th_t}, theta0, target,
-                         groups=("text",))
+                         groups=("text",), terms=terms)
     g_pix, g_txt, _, g_lr_t = _grads(loss, [pixels, texts, None, lr_txt])
     return loss.detach(), [g_pix, g_txt, None, g_lr_t]
 
@@ -395,11 +407,11 @@ class _Replay:
             return (th_data[0] - lrs[0] * g_i, th_data[1] - lrs[1] * g_t), (g_i, g_t)
 
 
-def _adjoint_end(theta_end, theta0, target, groups=GROUPS):
+def _adjoint_end(theta_end, theta0, target, groups=GROUPS, terms=None):
     """L(theta_K) and lambda_K = dL/dtheta_K."""
     th = {g: theta_end[i].detach().requires_grad_(True) for i, g in enumerate(GROUPS)}
     with torch.enable_grad():
-        loss = matching_loss(th, theta0, target, groups)
+        loss = matching_loss(th, theta0, target, groups, terms=terms)
         if not torch.is_tensor(loss):
             loss = torch.zeros((), device=theta0["text"].device)
             lam = tuple(torch.zeros_like(th[g]) for g in GROUPS)
@@ -471,7 +483,7 @@ def _setup_recompute(model, layouts, theta0, pixels, texts, lr_img, lr_txt, syn_
 
 
 def _checkpointed(model, layouts, theta0, target, pixels, texts, lr_img, lr_txt, *, syn_steps,
-                  mini_batch, scale, gen, opts):
+                  mini_batch, scale, gen, opts, terms=None):
     feats, replay, lrs, th = _setup_recompute(model, layouts, theta0, pixels, texts, lr_img,
                                               lr_txt, syn_steps, mini_batch, scale, gen, opts)
     K = syn_steps
@@ -482,7 +494,7 @@ def _checkpointed(model, layouts, theta0, target, pixels, texts, lr_img, lr_txt,
             snaps[k] = th
         th, _ = replay.forward(k, th, lrs)
     rng_after = _rng_get(replay.device)
-    loss, lam = _adjoint_end(th, theta0, target)
+    loss, lam = _adjoint_end(th, theta0, target, terms=terms)
     dfeats = torch.zeros_like(feats)
     dtexts = torch.zeros_like(texts)
     d_lr = [torch.zeros((), device=texts.device, dtype=th[1].dtype) for _ in GROUPS]
@@ -506,7 +518,7 @@ def _checkpointed(model, layouts, theta0, target, pixels, texts, lr_img, lr_txt,
 
 
 def _constant_memory(model, layouts, theta0, target, pixels, texts, lr_img, lr_txt, *,
-                     syn_steps, mini_batch, scale, gen, opts):
+                     syn_steps, mini_batch, scale, gen, opts, terms=None):
     feats, replay, lrs, th = _setup_recompute(model, layouts, theta0, pixels, texts, lr_img,
                                               lr_txt, syn_steps, mini_batch, scale, gen, opts)
     G = [torch.zeros_like(t) for t in th]
@@ -515,7 +527,7 @@ def _constant_memory(model, layouts, theta0, target, pixels, texts, lr_img, lr_t
         G[0] += g[0]
         G[1] += g[1]
     rng_after = _rng_get(replay.device)
-    loss, lam = _adjoint_end(th, theta0, target)
+    loss, lam = _adjoint_end(th, theta0, target, terms=terms)
     d_lr = [-(G[0] * lam[0]).sum(), -(G[1] * lam[1]).sum()]
     del G
     dfeats = torch.zeros_like(feats)
@@ -536,15 +548,17 @@ _IMPL = {"exact": _exact, "checkpointed": _checkpointed, "constant-memory": _con
 
 
 def meta_gradient(engine, model, layouts, theta0: dict, target: dict, pixels, texts, lr_img,
-                  lr_txt, *, syn_steps, mini_batch, scale, gen, opts: EngineOptions | None = None):
+                  lr_txt, *, syn_steps, mini_batch, scale, gen, opts: EngineOptions | None = None,
+                  terms: dict | None = None):
     """(matching loss, [dL/dpixels, dL/dtexts, dL/dlr_img, dL/dlr_txt]) of one iteration.
 
     pixels: distilled images in the trunk's input space; texts: distilled sentence
     embeddings; theta0 / target: flat expert parameters per group ("image" = the tail,
     "text" = the head). A gradient is None where the input does not require grad or the
     loss does not depend on it. The loss is a detached 0-dim tensor (no host sync here).
+    `terms`, when a dict, receives each encoder's normalised term of the loss.
     """
     check_engine(engine)
     return _IMPL[engine](model, layouts, theta0, target, pixels, texts, lr_img, lr_txt,
                          syn_steps=int(syn_steps), mini_batch=int(mini_batch), scale=scale,
-                         gen=gen, opts=opts or EngineOptions())
+                         gen=gen, opts=opts or EngineOptions(), terms=terms)

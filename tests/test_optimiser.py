@@ -1,0 +1,116 @@
+"""The distillation's outer optimisation: optimiser of the data and lrs, lr parametrisation,
+segments averaged per iteration, and the per-iteration diagnostics of the curve."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from vldd.distill import CURVE_COLUMNS, Distiller, checkpoint_key, distill
+
+from conftest import DISTILL, MODEL  # the `store` fixture: conftest
+
+ROBUST = {"optimizer": "adam", "lr_space": "log", "segments": 2, "lr_image": 0.05,
+          "lr_text": 0.05, "lr_lr": 0.01}
+
+
+def _distiller(store, **over):
+    return Distiller(store / "data", store / "emb.h5", [store / "expert_0.h5"], MODEL,
+                     {**DISTILL, **over}, 6, "cpu")
+
+
+def _run(store, out, cfg):
+    out.mkdir(parents=True, exist_ok=True)
+    distill(store / "data", store / "emb.h5", [store / "expert_0.h5"], MODEL, cfg, 6,
+            out / "pairs.h5", out / "curve.parquet", device="cpu")
+
+
+def test_adam_log_lrs_and_segments_resume_from_a_checkpoint_to_identical_bytes(store, tmp_path):
+    """Adam's moments, the log lrs and the segment draws all survive a checkpoint."""
+    cfg = {**DISTILL, **ROBUST}
+    _run(store, tmp_path / "straight", cfg)
+    part = tmp_path / "resumed"
+    part.mkdir()
+    d = _distiller(store, **ROBUST)
+    d.step()
+    d.step()
+    d.save_checkpoint(part / "pairs.h5.ckpt.h5",
+                      checkpoint_key(MODEL, cfg, 6, [store / "expert_0.h5"]))
+    _run(store, part, cfg)
+    for name in ("pairs.h5", "curve.parquet"):
+        assert (part / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
+
+
+def test_log_lrs_step_by_lr_times_the_linear_gradient_and_stay_positive(store):
+    """With lr_space log, SGD without momentum moves log(lr) by -lr_lr * lr * dL/dlr, where
+    dL/dlr is the gradient that the linear parametrisation gets from the same iteration."""
+    plain = {"lr_min": None, "momentum": 0.0, "lr_lr": 0.5}
+    lr0 = DISTILL["lr_init"]
+    lin = _distiller(store, **plain)      # (each Distiller seeds the global dropout rng)
+    lin.step()
+    log_ = _distiller(store, lr_space="log", **plain)
+    log_.step()
+    g_lin = [(lr0 - float(lin.lr_params[i].detach())) / plain["lr_lr"] for i in range(2)]
+    for i, lr in enumerate((log_.lr_img, log_.lr_txt)):
+        expect = math.log(lr0) - plain["lr_lr"] * lr0 * g_lin[i]
+        assert float(log_.lr_params[i].detach()) == pytest.approx(expect, rel=1e-5, abs=1e-7)
+        assert float(lr) == pytest.approx(math.exp(expect), rel=1e-5)
+    # a step that would take a linear lr far below zero leaves a log lr positive
+    huge = {"lr_min": None, "momentum": 0.0, "lr_lr": 10.0}
+    lin, log_ = _distiller(store, **huge), _distiller(store, lr_space="log", **huge)
+    for d in (lin, log_):
+        for p in d.lr_params:
+            p.grad = torch.tensor(1.0)
+        d.opt_lr.step()
+    assert float(lin.lr_img) < 0 and float(log_.lr_img) > 0 and float(log_.lr_txt) > 0
+
+
+def test_adam_bounds_each_elements_first_step_whatever_the_gradient_scale(store):
+    """A meta-gradient spike moves SGD's data in proportion; Adam's first step moves every
+    element by at most its lr."""
+    moved = {}
+    for kind in ("sgd", "adam"):
+        for scale in (1.0, 1e6):
+            d = _distiller(store, optimizer=kind, lr_image=0.01, lr_text=0.01)
+            before = d.texts.detach().clone()
+            d.texts.grad = torch.randn(d.texts.shape, generator=torch.Generator().manual_seed(0)) * scale
+            d.opt_txt.step()
+            moved[kind, scale] = float((d.texts.detach() - before).abs().max())
+    assert moved["adam", 1.0] <= 0.01 * (1 + 1e-5)
+    assert moved["adam", 1e6] <= 0.01 * (1 + 1e-5)
+    assert moved["sgd", 1e6] > 1e5 * moved["sgd", 1.0] > 0
+
+
+def test_segments_average_the_meta_gradients_of_successive_segments(store):
+    """segments: 2 steps with the mean of the gradients of the next two (expert, start)
+    draws, in the order a single-segment run draws them."""
+    plain = {"momentum": 0.0, "learn_lr": False, "max_start_epoch": 2}
+    from vldd.train import train_mode
+
+    one = _distiller(store, **plain)      # (each Distiller seeds the global dropout rng)
+    train_mode(one.model)
+    grads = [one._segment()[4] for _ in range(2)]
+    mean_texts = (grads[0][1] + grads[1][1]) / 2
+    mean_images = (grads[0][0] + grads[1][0]) / 2
+    two = _distiller(store, segments=2, **plain)
+    before_t, before_i = two.texts.detach().clone(), two.images.detach().clone()
+    two.step()
+    assert torch.allclose(two.texts.detach(), before_t - DISTILL["lr_text"] * mean_texts,
+                          rtol=1e-5, atol=1e-7)
+    assert torch.allclose(two.images.detach(), before_i - DISTILL["lr_image"] * mean_images,
+                          rtol=1e-5, atol=1e-8)
+
+
+def test_curve_holds_per_encoder_terms_gradient_norms_and_update_sizes(store, tmp_path):
+    _run(store, tmp_path, {**DISTILL, **ROBUST, "segments": 1})
+    curve = pd.read_parquet(tmp_path / "curve.parquet")
+    assert list(curve.columns) == CURVE_COLUMNS
+    assert np.allclose(curve["term_image"] + curve["term_text"], curve["matching_loss"],
+                       rtol=1e-6)
+    for col in ("grad_images", "grad_texts", "grad_lr_image", "grad_lr_text",
+                "step_images", "step_texts"):
+        assert (curve[col] > 0).all() and np.isfinite(curve[col]).all(), col
+    assert (curve[["lr_image", "lr_text"]] > 0).all().all()
