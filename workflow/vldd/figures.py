@@ -84,8 +84,13 @@ def curve_figure(curve_path, out_path):
     plt = _plt()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.4))
     ax1.plot(curve["iteration"], curve["matching_loss"], lw=0.8, alpha=0.5, label="per iteration")
-    smooth = curve["matching_loss"].rolling(max(1, len(curve) // 20), min_periods=1).mean()
+    window = max(1, len(curve) // 20)
+    smooth = curve["matching_loss"].rolling(window, min_periods=1).mean()
     ax1.plot(curve["iteration"], smooth, lw=1.6, label="running mean")
+    for term in ("term_image", "term_text"):   # each encoder's term (older curves lack them)
+        if term in curve and curve[term].notna().any():
+            ax1.plot(curve["iteration"], curve[term].rolling(window, min_periods=1).mean(),
+                     lw=1.0, ls="--", label=term.replace("term_", "") + " term, running mean")
     ax1.set_xlabel("iteration")
     ax1.set_ylabel("matching loss")
     ax1.legend(fontsize=8)
