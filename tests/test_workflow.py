@@ -328,3 +328,23 @@ def test_tables_include_adds_other_runs_to_the_ablation_tables(tiny_run):
                     check=False)
     assert bad.returncode != 0
     assert "tables.include: 'results/nope/*.parquet' matches no file" in bad.stdout + bad.stderr
+
+
+@pytest.mark.parametrize("paper", ["flickr30k", "coco"])
+def test_paper_configs_keep_the_papers_outer_optimisation_over_the_default(paper):
+    """Snakemake loads config/config.yaml first and the paper's file on top: the default's
+    Adam, log-lrs and 4-epoch targets must not leak into the paper's method."""
+    def merge(a, b):
+        out = dict(a)
+        for k, v in b.items():
+            out[k] = merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
+        return out
+
+    cfg = merge(yaml.safe_load((REPO / "config" / "config.yaml").read_text()),
+                yaml.safe_load((REPO / "config" / f"{paper}.yaml").read_text()))
+    d = cfg["distill"]
+    assert (d["optimizer"], d["lr_space"], d.get("segments", 1)) == ("sgd", "linear", 1)
+    assert (d["syn_steps"], d["expert_epochs"], d["max_start_epoch"]) == (8, 1, 2)
+    assert (d["lr_lr"], d["lr_init"], d["momentum"], d["lr_min"]) == (0.01, 0.1, 0.5, None)
+    assert d["lr_image"] >= 1000 and d["lr_text"] >= 1000
+    assert cfg["dataset"]["resolution"] == 224
