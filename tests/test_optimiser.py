@@ -114,3 +114,35 @@ def test_curve_holds_per_encoder_terms_gradient_norms_and_update_sizes(store, tm
                 "step_images", "step_texts"):
         assert (curve[col] > 0).all() and np.isfinite(curve[col]).all(), col
     assert (curve[["lr_image", "lr_text"]] > 0).all().all()
+
+
+def test_select_best_saves_the_state_of_the_best_window_and_survives_a_checkpoint(store, tmp_path):
+    """select best (window 1): the pair set holds the data and lrs that the iteration with the
+    lowest matching loss was scored with; select last the final state."""
+    one = {**ROBUST, "segments": 1}
+    d = _distiller(store, **one, select="best", select_window=1)
+    states = []
+    for _ in range(4):
+        states.append((d.images.detach().clone(), d.texts.detach().clone(),
+                       float(d.lr_img), float(d.lr_txt)))
+        d.step()
+    losses = [row[1] for row in d.curve]
+    best = int(np.argmin(losses))
+    images, texts, lrs, iteration = d.chosen()
+    assert iteration == best
+    assert np.array_equal(images, states[best][0].numpy())
+    assert np.array_equal(texts, states[best][1].numpy())
+    assert lrs == [states[best][2], states[best][3]]
+    ps = d.pairset()
+    assert ps.attrs["selected_iteration"] == best and ps.lr_text == states[best][3]
+    # the kept state is part of the checkpoint
+    ckpt = tmp_path / "c.h5"
+    d.save_checkpoint(ckpt, "k")
+    again = _distiller(store, **one, select="best", select_window=1)
+    assert again.load_checkpoint(ckpt, "k")
+    assert np.array_equal(again.chosen()[0], images) and again.chosen()[2:] == (lrs, best)
+    last = _distiller(store, **one)
+    for _ in range(2):
+        last.step()
+    assert np.array_equal(last.chosen()[0], last.images.detach().numpy())
+    assert last.chosen()[3] == 2

@@ -142,6 +142,11 @@ class Distiller:
         self.gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)  # dropout inside the unroll
         self.order = []
+        # distill.select best: the data (and lrs) at the end of the window of `select_window`
+        # iterations with the lowest mean matching loss, kept as the run goes
+        self.select = str(cfg.get("select", "last"))
+        self.window = int(cfg.get("select_window") or max(1, int(cfg["iterations"]) // 10))
+        self.best = None
         self.saved = False      # a checkpoint of this run exists
         self.iteration = 0
         self.curve = []
@@ -208,6 +213,7 @@ class Distiller:
         for p, g in zip((self.images, self.texts, *self.lr_params), grads):
             p.grad = g
         before = (self.images.detach().clone(), self.texts.detach().clone())
+        lrs_before = [float(self._lr(i)) for i in range(2)]
         if self.learn["image"]:
             self.opt_img.step()
         if self.learn["text"]:
@@ -223,8 +229,24 @@ class Distiller:
         diag = _diagnostics(terms, grads, before, (self.images.detach(), self.texts.detach()))
         self.curve.append((self.iteration, value, float(self.lr_img), float(self.lr_txt), e,
                            start, *diag))
+        if self.select == "best" and len(self.curve) >= self.window:
+            mean = float(np.mean([row[1] for row in self.curve[-self.window:]]))
+            if self.best is None or mean < self.best["loss"]:
+                # the state this iteration was scored with, the last of the window
+                self.best = {"loss": mean, "iteration": self.iteration,
+                             "images": before[0].cpu().numpy(), "texts": before[1].cpu().numpy(),
+                             "lrs": lrs_before}
         self.iteration += 1
         return value
+
+    def chosen(self):
+        """(images, texts, [lr_image, lr_text], iteration) of the data to save: the last state,
+        or with select best the best window's (the last state while no window is complete)."""
+        if self.select == "best" and self.best is not None:
+            b = self.best
+            return b["images"], b["texts"], b["lrs"], b["iteration"]
+        return (self.images.detach().cpu().numpy(), self.texts.detach().cpu().numpy(),
+                [float(self.lr_img), float(self.lr_txt)], self.iteration)
 
     # -- checkpoints: everything needed to continue bit for bit
 
@@ -253,8 +275,13 @@ class Distiller:
                         if torch.is_tensor(value):  # SGD: momentum_buffer; Adam: exp_avg, ...
                             h5_dataset(f, f"{_STATE_GROUPS.get(name, name)}/{i}_{j}",
                                        value.cpu().numpy())
+            best = None
+            if self.best is not None:
+                h5_dataset(f, "best/images", self.best["images"])
+                h5_dataset(f, "best/texts", self.best["texts"])
+                best = {k: self.best[k] for k in ("loss", "iteration", "lrs")}
             f.attrs["meta"] = json.dumps({"order": [int(x) for x in s["order"]],
-                                          "curve": s["curve"], "rng": s["rng"]})
+                                          "curve": s["curve"], "rng": s["rng"], "best": best})
 
     def load_checkpoint(self, path, key) -> bool:
         path = Path(path)
@@ -280,6 +307,9 @@ class Distiller:
             self.order = list(meta["order"])
             self.curve = [tuple(c) for c in meta["curve"]]
             self.rng.bit_generator.state = meta["rng"]
+            if meta.get("best") is not None:
+                self.best = {**meta["best"], "images": f["best/images"][()],
+                             "texts": f["best/texts"][()]}
             self.iteration = int(f.attrs["iteration"])
             for i, opt in enumerate((self.opt_img, self.opt_txt, self.opt_lr)):
                 params = opt.param_groups[0]["params"]
@@ -294,11 +324,16 @@ class Distiller:
         return True
 
     def pairset(self):
-        return PairSet(self.images.detach().cpu().numpy(), self.texts.detach().cpu().numpy(),
-                       self.caption_ids, kind="distilled", method=self.cfg.get("method", "mtt"),
-                       mean=self.mean, std=self.std, lr_image=float(self.lr_img),
-                       lr_text=float(self.lr_txt), init_images=self.init_images.numpy(),
-                       init_texts=self.init_texts.numpy())
+        images, texts, lrs, iteration = self.chosen()
+        if self.select == "best":
+            log.info("saving the data of iteration %d (select best: mean matching loss %.4f "
+                     "over its window of %d iterations)", iteration,
+                     self.best["loss"] if self.best else float("nan"), self.window)
+        return PairSet(images, texts, self.caption_ids, kind="distilled",
+                       method=self.cfg.get("method", "mtt"), mean=self.mean, std=self.std,
+                       lr_image=float(lrs[0]), lr_text=float(lrs[1]),
+                       init_images=self.init_images.numpy(), init_texts=self.init_texts.numpy(),
+                       attrs={"selected_iteration": int(iteration)})
 
     def curve_frame(self):
         return pd.DataFrame(self.curve, columns=CURVE_COLUMNS)

@@ -45,6 +45,8 @@ def write_pairset(path, ps: PairSet, prov: dict):
                  image_mean=np.asarray(ps.mean, dtype=np.float64),
                  image_std=np.asarray(ps.std, dtype=np.float64),
                  lr_image=float(ps.lr_image), lr_text=float(ps.lr_text))
+    if "selected_iteration" in ps.attrs:   # distilled: the iteration whose data this is
+        attrs["selected_iteration"] = int(ps.attrs["selected_iteration"])
     with h5_writer(path, attrs) as f:
         h5_dataset(f, "images", np.asarray(ps.images, dtype=np.float32))
         h5_dataset(f, "texts", np.asarray(ps.texts, dtype=np.float32))
