@@ -477,22 +477,23 @@ def search_stable(s, args, lrs, steps):
     (rows, the largest stable lr or None, the largest stable syn_steps or None). The smaller
     values are tried in turn rather than bisected: stability need not be monotone in the lr
     (at 32 px, last:1, 8 steps: stable at 0.05, not at 0.02 ... 0.002; benchmarks/README.md)."""
-    rows, best_lr, best_steps = [], None, None
-    for lr in sorted({x for x in lrs if x < args.lr}, reverse=True):
-        r = sensitivity(s, lr=lr, perturb=("theta0",))
+    by_lr, best_lr = _first_stable(s, "lr", sorted({x for x in lrs if x < args.lr}, reverse=True))
+    by_steps, best_steps = _first_stable(
+        s, "syn_steps", sorted({k for k in steps if 0 < k < args.syn_steps}, reverse=True))
+    return by_lr + by_steps, best_lr, best_steps
+
+
+def _first_stable(s, key, values):
+    """The theta_0 sensitivity with `key` set to each value in turn, up to the first stable
+    one: (rows, that value or None)."""
+    rows = []
+    for v in values:
+        r = sensitivity(s, perturb=("theta0",), **{key: v})
         rows.append(r)
         print_search_row(r)
         if r["stable"]:
-            best_lr = lr
-            break
-    for k in sorted({k for k in steps if 0 < k < args.syn_steps}, reverse=True):
-        r = sensitivity(s, syn_steps=k, perturb=("theta0",))
-        rows.append(r)
-        print_search_row(r)
-        if r["stable"]:
-            best_steps = k
-            break
-    return rows, best_lr, best_steps
+            return rows, v
+    return rows, None
 
 
 def precision_label(args):
