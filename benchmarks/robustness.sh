@@ -48,6 +48,15 @@ import pandas as pd
 import yaml
 
 work, secs, commit = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+
+
+def cpu_model():
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
 cfg = yaml.safe_load(open("config/config.yaml"))
 lr_min = cfg["distill"].get("lr_min", 0.01)
 rows, randoms = [], {}
@@ -81,7 +90,7 @@ lines = [
     "distill.seed 0..4 as variants, run once with the native CPU kernels and once with",
     "`ATEN_CPU_CAPABILITY=default`).",
     f"Run {pd.Timestamp.utcnow():%Y-%m-%d} on {__import__('os').cpu_count()} CPU cores "
-    f"({platform.processor() or platform.machine()}; native kernels: "
+    f"({cpu_model()}, {platform.machine()}; native kernels: "
     f"{__import__('torch').backends.cpu.get_cpu_capability()}), no GPU, git {commit}: "
     f"{secs // 60} min {secs % 60} s for both runs.",
     "",
