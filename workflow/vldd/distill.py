@@ -191,21 +191,20 @@ class Distiller:
         cfg = self.cfg
         train_mode(self.model)
         n = int(cfg.get("segments", 1))
-        total, terms, grads = 0.0, {}, [None] * 4
+        value, terms, grads = 0.0, {}, [None] * 4
         for _ in range(n):       # the meta-gradients of n segments, averaged
-            e, start, value, t, g = self._segment()
-            if not np.isfinite(value):
+            e, start, loss, t, g = self._segment()
+            if not np.isfinite(loss):
                 raise VlddError(
                     f"distillation diverged at iteration {self.iteration}: matching loss "
-                    f"{value}, lr_image {float(self.lr_img):.4g}, lr_text "
+                    f"{loss}, lr_image {float(self.lr_img):.4g}, lr_text "
                     f"{float(self.lr_txt):.4g}. Lower distill.lr_image / lr_text / lr_lr, or "
                     "syn_steps." + (" The last checkpoint is kept." if self.saved else ""))
-            total += value / n
+            value += loss / n
             for k, v in t.items():
                 terms[k] = terms.get(k, 0.0) + v / n
             grads = [a if b is None else (b / n if a is None else a + b / n)
                      for a, b in zip(grads, g)]
-        value = total
         if self.lr_space == "log":   # d/dlog(lr) = lr * d/dlr
             grads[2:] = [None if g is None else g * self._lr(i) for i, g in enumerate(grads[2:])]
         for opt in (self.opt_img, self.opt_txt, self.opt_lr):
@@ -271,10 +270,9 @@ class Distiller:
                 # keyed by the parameter's index in its optimiser: a parameter without a
                 # gradient so far (the image lr of heads-only) has no state
                 for j, buf in st["state"].items():
-                    for name, value in buf.items():
-                        if torch.is_tensor(value):  # SGD: momentum_buffer; Adam: exp_avg, ...
-                            h5_dataset(f, f"{_STATE_GROUPS.get(name, name)}/{i}_{j}",
-                                       value.cpu().numpy())
+                    for key, group in _STATE_GROUPS.items():   # what load_checkpoint reads
+                        if torch.is_tensor(buf.get(key)):
+                            h5_dataset(f, f"{group}/{i}_{j}", buf[key].cpu().numpy())
             best = None
             if self.best is not None:
                 h5_dataset(f, "best/images", self.best["images"])
