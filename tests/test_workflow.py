@@ -43,13 +43,6 @@ def job_counts(output: str) -> dict:
     return counts
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    work = tmp_path_factory.mktemp("tiny")
-    snakemake(work)
-    return work
-
-
 def test_dry_run_lists_the_whole_dag(tmp_path):
     out = snakemake(tmp_path, "-n", "--quiet", "rules")
     assert job_counts(out.stdout + out.stderr) == {

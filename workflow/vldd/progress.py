@@ -54,14 +54,18 @@ def duration(seconds: float) -> str:
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
+def _number(x: float) -> str:
+    return f"{x:.3g}" if x < 1000 else f"{x:.0f}"
+
+
 def rate_text(per_second: float, unit: str) -> str:
     """'1.9 it/s' when at least one unit a second, else '12.3 s/epoch'."""
     unit = SHORT.get(unit, unit)
     if per_second <= 0:
         return f"? {unit}/s"
     if per_second >= 1:
-        return f"{per_second:.3g} {unit}/s"
-    return f"{1 / per_second:.3g} s/{unit}"
+        return f"{_number(per_second)} {unit}/s"
+    return f"{_number(1 / per_second)} s/{unit}"
 
 
 def _value(v) -> str:
