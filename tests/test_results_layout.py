@@ -134,7 +134,8 @@ def check_entries(where, found: dict, rows, shapes=None):
     for name, (dtype, shape) in found.items():
         row = next((r for r in rows if r.matches(name)), None)
         assert row is not None, f"{where}: '{name}' is not documented in results/README.md"
-        assert dtype in row.dtype.split("/"), f"{where}: '{name}' is {dtype}, documented {row.dtype}"
+        assert dtype in row.dtype.split("/"), \
+            f"{where}: '{name}' is {dtype}, documented {row.dtype}"
         if shapes is not None and row.shape and shape is not None:
             shapes.check(f"{where}: '{name}'", row.shape, shape)
     for row in rows:
