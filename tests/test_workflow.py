@@ -303,7 +303,8 @@ def test_tables_include_adds_other_runs_to_the_ablation_tables(tiny_run):
     for seed in (0, 1):
         metrics = {m: 20.0 + seed for m in METRIC_ORDER}
         write_parquet(_frame(metrics, "tiny", "distilled-mtt", 8, seed, "evaluate", "vit-lora"),
-                      tiny_run / f"other/results/tiny/eval/vit-lora/distilled-mtt/n8/seed{seed}.parquet",
+                      tiny_run / f"other/results/tiny/eval/vit-lora/distilled-mtt/n8/seed{seed}"
+                      ".parquet",
                       meta=provenance("eval", {"model": other, "evaluate": {}}, seed=seed))
     # the other run's folder, so that this run's results/ stays as the workflow wrote it
     include = "tables={include: ['other/results/tiny/eval/vit-lora/**/*.parquet']}"
