@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny prepared dataset with embeddings and one expert (`store`)."""
+"""Shared fixtures: a tiny prepared dataset with embeddings and one expert (`store`), and the
+tiny workflow run through the Snakemake CLI (`tiny_run`, its working directory)."""
 from __future__ import annotations
 
 import pytest
@@ -33,3 +34,13 @@ def store(tmp_path_factory):
     train_expert(root / "data", root / "emb.h5", MODEL, EXPERTS, 0, root / "expert_0.h5",
                  device="cpu")
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One run of tests/configs/tiny.yaml, shared by the workflow, log and layout tests."""
+    from test_workflow import snakemake
+
+    work = tmp_path_factory.mktemp("tiny")
+    snakemake(work)
+    return work

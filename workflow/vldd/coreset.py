@@ -33,6 +33,7 @@ from .encoders import image_normalisation, text_spec, to_model_input
 from .errors import VlddError
 from .io import provenance
 from .pairset import PairSet, write_pairset
+from .progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +184,7 @@ def herding(pool: Pool, budget: int) -> np.ndarray:
     available = torch.ones(len(x), dtype=torch.bool)
     total = torch.zeros_like(mu)
     chosen = []
+    bar = Progress(budget, "herding", unit="pair", log=log)
     for k in range(budget):
         t = ((k + 1) * mu - total).to(x.dtype)
         score = sq - 2 * (x @ t)
@@ -191,6 +193,7 @@ def herding(pool: Pool, budget: int) -> np.ndarray:
         chosen.append(p)
         total += x[p].double()
         _take(pool, p, available)
+        bar.update(1)
     return np.asarray(chosen, dtype=np.int64)
 
 
@@ -207,6 +210,7 @@ def kcenter(pool: Pool, budget: int, seed: int) -> np.ndarray:
     nearest = torch.full((len(x),), float("inf"), device=x.device)
     p = int(np.random.default_rng(seed).integers(len(x)))
     chosen = []
+    bar = Progress(budget, "kcenter", unit="pair", log=log)
     for _ in range(budget):
         chosen.append(p)
         _take(pool, p, available)
@@ -215,6 +219,7 @@ def kcenter(pool: Pool, budget: int, seed: int) -> np.ndarray:
         score = nearest.clone()
         score[~available.to(score.device)] = -1.0
         p = int(torch.argmax(score))
+        bar.update(1)
     return np.asarray(chosen, dtype=np.int64)
 
 
@@ -307,7 +312,8 @@ def forgetting_counts(data_dir, embeddings_path, model_cfg, experts_cfg, seed,
         lr_image=float(cfg["lr_image"]), lr_text=float(cfg["lr_text"]),
         momentum=float(cfg.get("momentum", 0.0)), weight_decay=float(cfg.get("weight_decay", 0.0)),
         batch_size=int(cfg["batch_size"]), logit_scale=logit_scale(model_cfg), seed=int(seed),
-        per_image=cfg.get("sample", "captions") == "images", on_batch=on_batch)
+        per_image=cfg.get("sample", "captions") == "images", on_batch=on_batch,
+        progress="forgetting")
     log.info("forgetting: %d pairs, %d never presented, %d never learned, max count %d",
              n, int((presented == 0).sum()), int(((presented > 0) & ~learned).sum()),
              int(forgotten.max(initial=0)))

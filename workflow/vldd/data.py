@@ -10,6 +10,7 @@ files appear together or not at all.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -24,6 +25,9 @@ from PIL import Image
 
 from . import io
 from .errors import VlddError
+from .progress import Progress
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 SPLIT_CODE = {"train": 0, "val": 1, "test": 2, "restval": 0}  # restval is training data
@@ -248,9 +252,11 @@ def prepare_dataset(cfg: dict, out_dir) -> None:
             dset = f.create_dataset("images", shape=(n, resolution, resolution, 3),
                                     dtype=np.uint8, chunks=(min(CHUNK, n), resolution,
                                                             resolution, 3), track_times=False)
+            bar = Progress(n, f"prepare_dataset {cfg.get('name', source)}", unit="image", log=log)
             for start in range(0, n, CHUNK):
                 block = list(pool.map(load, range(start, min(n, start + CHUNK))))
                 dset[start:start + len(block)] = np.stack(block)
+                bar.update(len(block))
             io.h5_dataset(f, "split", np.array([SPLIT_CODE[it.split] for it in items], np.uint8))
             io.h5_dataset(f, "filename", io.as_str_array([it.filename for it in items]))
         io.write_parquet(table, stage / "captions.parquet",

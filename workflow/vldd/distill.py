@@ -34,6 +34,7 @@ from .experts import check_experts_data
 from .io import atomic_path, h5_dataset, h5_writer, open_h5, provenance, write_parquet, config_hash
 from .model import build_model, logit_scale, resolve_device
 from .pairset import PairSet, write_pairset
+from .progress import Progress
 from .train import train_mode
 from .trajectory import Trajectory
 
@@ -351,8 +352,6 @@ def checkpoint_key(model_cfg, cfg, budget, expert_paths) -> str:
 def distill(data_dir, embeddings_path, expert_paths, model_cfg, cfg, budget, out_pairs,
             out_curve, checkpoint=None, device="auto"):
     """Run (or resume) a distillation and write the pair set and the loss/lr curve."""
-    from tqdm import tqdm
-
     section = {"model": model_cfg, "distill": cfg, "budget": int(budget),
                "experts": [str(p) for p in expert_paths]}
     key = checkpoint_key(model_cfg, cfg, budget, expert_paths)
@@ -361,14 +360,14 @@ def distill(data_dir, embeddings_path, expert_paths, model_cfg, cfg, budget, out
     d.load_checkpoint(checkpoint, key)
     every = int(cfg.get("checkpoint_every", 0))
     iterations = int(cfg["iterations"])
-    with tqdm(total=iterations, initial=d.iteration, desc="distill", unit="it") as bar:
-        while d.iteration < iterations:
-            loss = d.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr_img=f"{float(d.lr_img):.3g}",
-                            lr_txt=f"{float(d.lr_txt):.3g}")
-            if every and d.iteration % every == 0 and d.iteration < iterations:
-                d.save_checkpoint(checkpoint, key)
+    bar = Progress(iterations, f"distill {cfg.get('method', 'mtt')} n{budget}", start=d.iteration,
+                   log=log)
+    while d.iteration < iterations:
+        loss = d.step()
+        bar.update(1, matching_loss=float(loss), lr_image=float(d.lr_img),
+                   lr_text=float(d.lr_txt))
+        if every and d.iteration % every == 0 and d.iteration < iterations:
+            d.save_checkpoint(checkpoint, key)
     prov = provenance("pairset", section, seed=int(cfg.get("seed", 0)),
                       image_encoder=model_cfg["image_encoder"],
                       text_encoder=model_cfg["text_encoder"])

@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from tqdm import tqdm
 
 from .encoders import build_text_encoder, embed_texts, text_spec
 from .errors import VlddError
 from .io import config_hash, h5_dataset, h5_writer, open_h5, provenance, sha256_file
 from .model import resolve_device
+from .progress import Progress, quiet_library_bars
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +28,12 @@ def embed_captions(data_dir, text_cfg: dict, out_path, device="auto", batch_size
     if not captions_path.exists():
         raise VlddError(f"{captions_path}: not found. Run prepare_dataset first.")
     captions = pd.read_parquet(captions_path)
+    quiet_library_bars()
     tower = build_text_encoder(text_cfg)
     dev = resolve_device(device)
     n_unique = captions["caption"].nunique()
-    with tqdm(total=n_unique, desc="embed_captions", unit="caption") as bar:
-        emb = embed_texts(tower, captions["caption"].tolist(), batch_size, dev, bar.update)
+    bar = Progress(n_unique, f"embed_captions {text_cfg.get('name', '')}", unit="caption", log=log)
+    emb = embed_texts(tower, captions["caption"].tolist(), batch_size, dev, bar.update)
     attrs = provenance("embeddings", text_spec(text_cfg), captions_sha256=sha256_file(captions_path),
                        n_captions=len(captions), dim=int(emb.shape[1]))
     with h5_writer(out_path, attrs) as f:

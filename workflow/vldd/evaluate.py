@@ -96,7 +96,8 @@ def evaluate(data_dir, embeddings_path, pairset_path, model_cfg, eval_cfg, seed,
                       momentum=float(eval_cfg["momentum"]),
                       weight_decay=float(eval_cfg["weight_decay"]),
                       batch_size=int(eval_cfg["batch_size"]), logit_scale=logit_scale(model_cfg),
-                      seed=seed, on_epoch_end=keep_best if quirk_best else None)
+                      seed=seed, on_epoch_end=keep_best if quirk_best else None,
+                      progress=f"evaluate {ps.kind}-{ps.method} n{n} seed {seed}")
     if quirk_best:
         metrics, reported = best["metrics"], best["epoch"]
     else:
@@ -119,7 +120,7 @@ def train_full(data_dir, embeddings_path, model_cfg, full_cfg, seed, out_path, d
     emb = load_embeddings(embeddings_path, data_dir, model_cfg["text_encoder"])
     model = build_model(model_cfg, emb.shape[1], seed).to(dev)
     train = RealData(prepared, emb, model, "train", dev)
-    train_on_real(model, train, model_cfg, full_cfg, seed)
+    train_on_real(model, train, model_cfg, full_cfg, seed, progress=f"train_full seed {seed}")
     metrics = RealData(prepared, emb, model, "test", dev).recall(model)
     log.info("full data seed=%d: %s", seed, " ".join(f"{k}={metrics[k]:.2f}" for k in METRIC_ORDER))
     df = _frame(metrics, dataset, "full", len(train), seed, "train_full",

@@ -49,7 +49,7 @@ class RealData:
 
 
 def train_on_real(model, data: RealData, model_cfg, cfg, seed, on_epoch_end=None,
-                  checkpoint=None):
+                  checkpoint=None, progress=None):
     """The training loop on real pairs with the settings of an `experts` or `full` section."""
     return train_contrastive(
         model, data.feats, data.texts, data.pair_img, data.pair_txt, epochs=int(cfg["epochs"]),
@@ -57,7 +57,7 @@ def train_on_real(model, data: RealData, model_cfg, cfg, seed, on_epoch_end=None
         momentum=float(cfg.get("momentum", 0.0)), weight_decay=float(cfg.get("weight_decay", 0.0)),
         batch_size=int(cfg["batch_size"]), logit_scale=logit_scale(model_cfg), seed=seed,
         per_image=cfg.get("sample", "captions") == "images", on_epoch_end=on_epoch_end,
-        checkpoint=checkpoint)
+        checkpoint=checkpoint, progress=progress)
 
 
 def _trainable(module):
@@ -203,5 +203,6 @@ def train_expert(data_dir, embeddings_path, model_cfg, expert_cfg, index, out_pa
     key = config_hash({**section, "index": int(index), "vldd": attrs["vldd_version"],
                        "data": attrs["data_sha256"]})
     store = EpochStore(str(out_path) + ".ckpt", key, model, val, expert_cfg.get("storage"))
-    train_on_real(model, train, model_cfg, expert_cfg, seed, checkpoint=store)
+    train_on_real(model, train, model_cfg, expert_cfg, seed, checkpoint=store,
+                  progress=f"train_expert {index}")
     store.assemble(out_path, attrs, layouts, epochs)

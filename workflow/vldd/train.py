@@ -1,11 +1,16 @@
 """The one training loop: experts, evaluation on pair sets and full-data training."""
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
 from .encoders import contrastive_loss
 from .model import DualEncoder
+from .progress import Progress
+
+log = logging.getLogger(__name__)
 
 
 def train_mode(model: DualEncoder):
@@ -20,7 +25,8 @@ def train_mode(model: DualEncoder):
 
 def train_contrastive(model: DualEncoder, img_feats, texts, pair_img, pair_txt, *, epochs,
                       lr_image, lr_text, momentum, weight_decay, batch_size, logit_scale, seed,
-                      per_image=False, on_epoch_end=None, on_batch=None, checkpoint=None):
+                      per_image=False, on_epoch_end=None, on_batch=None, checkpoint=None,
+                      progress=None):
     """SGD on the symmetric InfoNCE loss over (image, text) pairs.
 
     img_feats: trunk features [n_img, ...]; texts: sentence embeddings [n_txt, d];
@@ -33,6 +39,7 @@ def train_contrastive(model: DualEncoder, img_feats, texts, pair_img, pair_txt, 
     the model, optimiser and random state of the last finished epoch and returns that epoch
     (0 when there is none); checkpoint.save(epoch, mean_loss, opt, gen) runs after each epoch
     (after on_epoch_end). A resumed run continues bit for bit as an uninterrupted one.
+    progress, when given, names the run in a progress line per epoch (vldd.progress).
     """
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout in the head
@@ -45,6 +52,7 @@ def train_contrastive(model: DualEncoder, img_feats, texts, pair_img, pair_txt, 
     n = len(pair_img)
     pair_img = torch.as_tensor(pair_img)
     first = 1 if checkpoint is None else checkpoint.restore(opt, gen) + 1
+    bar = Progress(epochs, progress, unit="epoch", start=first - 1, log=log) if progress else None
     for epoch in range(first, epochs + 1):
         train_mode(model)
         order = torch.randperm(n, generator=gen)
@@ -75,6 +83,8 @@ def train_contrastive(model: DualEncoder, img_feats, texts, pair_img, pair_txt, 
             on_epoch_end(epoch, mean_loss)
         if checkpoint is not None:
             checkpoint.save(epoch, mean_loss, opt, gen)
+        if bar:
+            bar.update(1, loss=mean_loss)
     model.tail.eval()
     model.head.eval()
     return model
