@@ -121,6 +121,28 @@ def test_figures_render_and_appear_in_the_report(tiny_run):
         assert name in html, name
 
 
+def test_report_rules_run_in_a_venv_built_from_envs_report_yaml(tiny_run, tmp_path_factory):
+    """summarize and the figures, rerun by Snakemake with `python` from a fresh venv that
+    holds only the packages of envs/report.yaml (no torch), as `--sdm conda` runs them."""
+    from test_envs import venv_from_env
+
+    python = venv_from_env(REPO / "envs" / "report.yaml", tmp_path_factory.mktemp("report-env"))
+    assert subprocess.run([str(python), "-c", "import torch"], capture_output=True).returncode
+    table = tiny_run / "results/tables/retrieval.parquet"
+    before = table.stat().st_mtime_ns
+    env = dict(os.environ, PATH=str(python.parent) + os.pathsep + os.environ.get("PATH", ""))
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
+           "--configfile", str(TINY), "--cores", "2", "--forcerun", "summarize",
+           "figure_distilled", "figure_recall"]
+    out = subprocess.run(cmd, cwd=tiny_run, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    ran = set(re.findall(r"^localrule (\w+):", out.stdout + out.stderr, flags=re.M))
+    assert ran == {"summarize", "figure_distilled", "figure_recall", "all"}, ran
+    assert table.stat().st_mtime_ns > before
+    assert set(pd.read_parquet(table)["method"]) == {"distilled-mtt", "coreset-random", "full"}
+
+
 def test_finished_run_has_nothing_left_to_do(tiny_run):
     out = snakemake(tiny_run, "-n")
     assert "Nothing to be done" in out.stdout + out.stderr
