@@ -187,6 +187,22 @@ def test_karpathy_dataset_runs_through_the_same_workflow(tmp_path):
     assert table["value"].between(0, 100).all()
     caps = pd.read_parquet(tmp_path / "results/karpathy_tiny/data/captions.parquet")
     assert (caps["split"] == "test").sum() == 16  # 8 test images x 2 captions
+    # the annotation file is prepare_dataset's input: editing it reruns the data stage
+    assert job_counts(snakemake(tmp_path, "-n", configfile=path).stdout) == {}
+    with ann.open("a") as f:  # new content (a mere touch with equal content reruns nothing)
+        f.write("\n")
+    out = snakemake(tmp_path, "-n", "--quiet", "rules", configfile=path)
+    assert job_counts(out.stdout + out.stderr).get("prepare_dataset") == 1
+
+
+def test_paper_config_without_its_data_names_the_missing_file(tmp_path):
+    out = snakemake(tmp_path, "-n", configfile=REPO / "config" / "flickr30k.yaml", check=False)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0
+    assert ("dataset.karpathy.annotations: data/flickr30k/dataset_flickr30k.json does not "
+            "exist") in text
+    assert "Download it (README.md" in text and "Job stats" not in text
+    assert not (tmp_path / "results").exists()
 
 
 def test_wrong_type_and_unknown_key_are_named_with_what_is_allowed(tmp_path):

@@ -134,6 +134,32 @@ def stage_json(**sections):
     return json.dumps(sections, sort_keys=True, separators=(",", ":"))
 
 
+def dataset_sources():
+    """The annotation files prepare_dataset reads, as its input (editing one reruns it); none
+    for the synthetic source. Before the data are prepared, a missing one is an error that
+    names the key and where to get the file; once prepared, the raw files may go."""
+    ds = config["dataset"]
+    keys = {"karpathy": ["annotations"], "blip": ["train", "val", "test"]}
+    files = []
+    for key in keys.get(ds["source"], []):
+        path = ds[ds["source"]].get(key)
+        if path is None and (ds["source"], key) == ("blip", "val"):
+            continue  # optional
+        name = f"dataset.{ds['source']}.{key}"
+        if path is None:
+            raise WorkflowError(f"{name} is not set: give the path of the annotation file "
+                                f"(README.md, 'Your own data, Flickr30K and COCO').")
+        files.append((name, path))
+    prepared = all(Path(f).exists() for f in data_files().values())
+    missing = [(n, p) for n, p in files if not Path(p).is_file()]
+    if missing and not prepared:
+        name, path = missing[0]
+        raise WorkflowError(
+            f"{name}: {path} does not exist (relative to {Path.cwd()}). Download it (README.md,"
+            f" 'Your own data, Flickr30K and COCO') or set {name} to where it is.")
+    return [] if missing else [p for _, p in files]
+
+
 def data_files(dataset=DATASET):
     return {
         "images": f"results/{dataset}/data/images.h5",

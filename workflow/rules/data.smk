@@ -2,6 +2,8 @@
 
 
 rule prepare_dataset:
+    input:
+        dataset_sources(),
     output:
         images="results/{dataset}/data/images.h5",
         captions="results/{dataset}/data/captions.parquet",
