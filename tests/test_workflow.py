@@ -215,6 +215,18 @@ def test_wrong_type_and_unknown_key_are_named_with_what_is_allowed(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+def test_a_number_inside_a_config_mapping_gets_the_configfile_fix(tmp_path):
+    """Snakemake passes `--config 'distill={iterations: 3}'` as the text '3': the error says
+    so and names --configfile; text that is no number ('many') gets no such hint."""
+    out = snakemake(tmp_path, "-n", "--config", "distill={iterations: 3}", check=False)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0 and not (tmp_path / "results").exists()
+    assert "'distill.iterations': '3' is not of type 'integer' (snakemake --config passes" in text
+    assert "add it with --configfile" in text
+    out = snakemake(tmp_path, "-n", "--config", "distill={iterations: many}", check=False)
+    assert out.returncode != 0 and "--configfile, e.g." not in out.stdout + out.stderr
+
+
 SHELL_SAFE = {"threads", "wildcards.i", "wildcards.n", "wildcards.seed"}  # digits only
 
 

@@ -11,6 +11,24 @@ from snakemake.utils import validate
 SCHEMA = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
 
 
+def text_hint(err):
+    """For a type error on text that YAML reads as the wanted type (what `--config
+    'distill={iterations: 3}'` makes of 3: Snakemake passes values inside a mapping as
+    text), the fix; empty otherwise."""
+    import jsonschema
+    import yaml
+
+    if err.validator != "type" or not isinstance(err.instance, str):
+        return ""
+    try:
+        jsonschema.validate(yaml.safe_load(err.instance), {"type": err.validator_value})
+    except (yaml.YAMLError, jsonschema.ValidationError):
+        return ""
+    return (" (snakemake --config passes values inside a mapping as text: put nested "
+            "settings in a YAML file and add it with --configfile, e.g. snakemake "
+            "--configfile config/config.yaml my.yaml)")
+
+
 def check_config(cfg):
     """Every schema violation at once, each naming its key and what is allowed there, before
     Snakemake's own validation fills in the defaults."""
@@ -30,7 +48,7 @@ def check_config(cfg):
                                 f"{'in ' + where if where else 'at the top level'} are: "
                                 + ", ".join(known))
         else:
-            problems.append(f"'{where or '(top level)'}': {err.message}")
+            problems.append(f"'{where or '(top level)'}': {err.message}{text_hint(err)}")
     if problems:
         raise WorkflowError(
             "invalid configuration (config/README.md describes every key):\n  - "
@@ -104,7 +122,8 @@ def check_variants():
             try:
                 jsonschema.validate(value, props[key])
             except jsonschema.ValidationError as err:
-                raise WorkflowError(f"distill.variants.{name}.{key}: {err.message}") from None
+                raise WorkflowError(f"distill.variants.{name}.{key}: {err.message}"
+                                    f"{text_hint(err)}") from None
 
 
 check_variants()
