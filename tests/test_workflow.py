@@ -146,6 +146,10 @@ def test_report_rules_run_in_a_venv_built_from_envs_report_yaml(tiny_run, tmp_pa
 def test_finished_run_has_nothing_left_to_do(tiny_run):
     out = snakemake(tiny_run, "-n")
     assert "Nothing to be done" in out.stdout + out.stderr
+    # where the jobs run is not what they compute: another device plans no job
+    out = snakemake(tiny_run, "-n", "--quiet", "rules", "--config", "device=cpu")
+    assert job_counts(out.stdout + out.stderr) == {}, out.stdout[-2000:]
+    assert "Nothing to be done" in out.stdout + out.stderr
 
 
 def _karpathy_fixture(root: Path) -> Path:
@@ -235,7 +239,7 @@ def test_every_value_in_a_shell_command_is_quoted():
     unquoted = []
     for smk in sorted((REPO / "workflow" / "rules").glob("*.smk")):
         for block in re.findall(r"\n    shell:\n((?:        .*\n)+)", smk.read_text()):
-            for name, fmt in re.findall(r"\{([\w.]+)(:\w+)?\}", block):
+            for name, fmt in re.findall(r"\{([\w.\[\]]+)(:\w+)?\}", block):
                 if fmt != ":q" and name not in SHELL_SAFE:
                     unquoted.append(f"{smk.name}: {{{name}}}")
     blocks = sum(len(re.findall(r"\n    shell:\n", p.read_text()))

@@ -147,6 +147,10 @@ def distill_section(method):
     return merged
 
 
+# config["device"] reaches the shell as {config[device]:q}, not as a rule param: where a job
+# runs is not what it computes, so another device must not rerun finished jobs.
+
+
 def stage_json(**sections):
     """The settings a stage reads, as canonical JSON: rule params (so a change reruns
     exactly the jobs it affects) and the CLI's --config-json."""

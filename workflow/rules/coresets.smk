@@ -23,9 +23,8 @@ rule select_coreset:
         cfg=coreset_json,
         data=lambda w, input: str(Path(input.images).parent),
         expert=lambda w, input: ["--experts", input.expert] if input.expert else [],
-        device=config["device"],
     shell:
         "python -m vldd --threads {threads} select-coreset --config-json {params.cfg:q}"
         " --data {params.data:q} --embeddings {input.embeddings:q} --kind {wildcards.kind:q}"
         " {params.expert:q} --budget {wildcards.n} --out {output:q}"
-        " --device {params.device:q} > {log:q} 2>&1"
+        " --device {config[device]:q} > {log:q} 2>&1"

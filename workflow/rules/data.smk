@@ -39,7 +39,6 @@ rule embed_captions:
     params:
         cfg=lambda w: stage_json(model={"text_encoder": config["model"]["text_encoder"]}),
         data=lambda w, input: str(Path(input.images).parent),
-        device=config["device"],
     shell:
         "python -m vldd --threads {threads} embed-captions --config-json {params.cfg:q}"
-        " --data {params.data:q} --out {output:q} --device {params.device:q} > {log:q} 2>&1"
+        " --data {params.data:q} --out {output:q} --device {config[device]:q} > {log:q} 2>&1"

@@ -20,12 +20,11 @@ rule evaluate:
     params:
         cfg=lambda w: stage_json(model=config["model"], evaluate=section("evaluate", ["seeds", "cross_architectures"])),
         data=lambda w, input: str(Path(input.images).parent),
-        device=config["device"],
     shell:
         "python -m vldd --threads {threads} evaluate --config-json {params.cfg:q}"
         " --data {params.data:q} --embeddings {input.embeddings:q} --pairs {input.pairs:q}"
         " --seed {wildcards.seed} --dataset {wildcards.dataset:q} --out {output:q}"
-        " --device {params.device:q} > {log:q} 2>&1"
+        " --device {config[device]:q} > {log:q} 2>&1"
 
 
 rule evaluate_cross:
@@ -47,12 +46,11 @@ rule evaluate_cross:
     params:
         cfg=lambda w: stage_json(model=cross_model(w.arch), evaluate=section("evaluate", ["seeds", "cross_architectures"])),
         data=lambda w, input: str(Path(input.images).parent),
-        device=config["device"],
     shell:
         "python -m vldd --threads {threads} evaluate --config-json {params.cfg:q}"
         " --data {params.data:q} --embeddings {input.embeddings:q} --pairs {input.pairs:q}"
         " --seed {wildcards.seed} --dataset {wildcards.dataset:q} --out {output:q}"
-        " --device {params.device:q} > {log:q} 2>&1"
+        " --device {config[device]:q} > {log:q} 2>&1"
 
 
 rule train_full:
@@ -73,9 +71,8 @@ rule train_full:
     params:
         cfg=lambda w: stage_json(model=config["model"], full=section("full", ["enabled"])),
         data=lambda w, input: str(Path(input.images).parent),
-        device=config["device"],
     shell:
         "python -m vldd --threads {threads} train-full --config-json {params.cfg:q}"
         " --data {params.data:q} --embeddings {input.embeddings:q} --seed {wildcards.seed}"
-        " --dataset {wildcards.dataset:q} --out {output:q} --device {params.device:q}"
+        " --dataset {wildcards.dataset:q} --out {output:q} --device {config[device]:q}"
         " > {log:q} 2>&1"
