@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -85,3 +86,38 @@ def test_report_modules_import_no_deep_learning_package(module):
     assert out.returncode == 0, out.stderr
     top = {name.split(".")[0] for name in json.loads(out.stdout)}
     assert not top & set(BLOCKED), sorted(top & set(BLOCKED))
+
+
+OUTER = """configfile: "my.yaml"
+
+
+module vldd:
+    snakefile:
+        {snakefile!r}
+    config:
+        config
+
+
+use rule * from vldd
+"""
+
+
+def test_the_workflow_runs_as_a_module_of_another_workflow(tmp_path):
+    """Another project's Snakefile imports vldd with `module`: the schema and the package
+    are found from vldd's own files, not from the outer Snakefile's directory."""
+    (tmp_path / "Snakefile").write_text(OUTER.format(snakefile=str(REPO / "Snakefile")))
+    (tmp_path / "my.yaml").write_text((REPO / "tests" / "configs" / "tiny.yaml").read_text())
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "--workflow-profile", "none"]
+    out = subprocess.run([*cmd, "-n", "--quiet", "rules"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-3000:]
+    for rule in ("prepare_dataset", "train_expert", "distill", "evaluate", "summarize"):
+        assert re.search(rf"^{rule}\s+\d+$", text, flags=re.M), (rule, text[-3000:])
+    # one real job: `python -m vldd` finds the package through the module's PYTHONPATH
+    out = subprocess.run([*cmd, "--until", "prepare_dataset"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert (tmp_path / "results" / "tiny" / "data" / "images.h5").is_file()

@@ -8,7 +8,11 @@ from shlex import quote as shlex_quote
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-SCHEMA = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
+# Paths of this checkout from this file's own place (workflow/rules/), not from
+# workflow.basedir, which is the directory of the outermost Snakefile: the workflow then also
+# works as a module of another one (`module vldd: snakefile: ...`).
+PACKAGE_DIR = Path(str(workflow.current_basedir)).parent  # workflow/: vldd/, schemas/
+SCHEMA = PACKAGE_DIR / "schemas" / "config.schema.yaml"
 
 
 def text_hint(err):
@@ -77,7 +81,7 @@ CROSS = config["evaluate"].get("cross_architectures", {})
 # conda env of the rule), so no install of vldd itself is needed.
 shell.prefix(
     "export PYTHONPATH="
-    + shlex_quote(str(Path(workflow.basedir) / "workflow"))
+    + shlex_quote(str(PACKAGE_DIR))
     + "${{PYTHONPATH:+:$PYTHONPATH}}; "
 )
 
