@@ -65,6 +65,20 @@ def test_lint_reports_no_problem(tmp_path):
     assert "Congratulations, your workflow is in a good condition" in text
 
 
+def test_snakefmt_leaves_every_snakemake_file_unchanged():
+    """The Snakefile and the rule files as snakefmt writes them (pyproject [tool.snakefmt]);
+    snakefmt is in the `test` extra."""
+    import shutil
+
+    exe = shutil.which("snakefmt", path=str(Path(sys.executable).parent)) or \
+        shutil.which("snakefmt")
+    assert exe, "snakefmt is not installed: pip install -e '.[test]'"
+    out = subprocess.run([exe, "--check", "Snakefile", "workflow/rules"], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "8 file(s) would be left unchanged" in out.stderr + out.stdout
+
+
 def test_unknown_config_key_is_rejected_before_any_job(tmp_path):
     out = snakemake(tmp_path, "-n", "--config", "distil={iterations: 3}", check=False)
     assert out.returncode != 0

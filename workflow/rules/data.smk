@@ -36,9 +36,10 @@ rule embed_captions:
     threads: 2
     resources:
         gpu=1,
+        device=DEVICE,
     params:
         cfg=lambda w: stage_json(model={"text_encoder": config["model"]["text_encoder"]}),
         data=lambda w, input: str(Path(input.images).parent),
     shell:
         "python -m vldd --threads {threads} embed-captions --config-json {params.cfg:q}"
-        " --data {params.data:q} --out {output:q} --device {config[device]:q} > {log:q} 2>&1"
+        " --data {params.data:q} --out {output:q} --device {resources.device:q} > {log:q} 2>&1"
