@@ -111,15 +111,19 @@ def test_env_pins_are_the_versions_the_tests_run_with(path):
 
 
 @pytest.mark.parametrize("path", ENVS, ids=lambda p: p.name)
-def test_env_pins_lie_inside_the_pyproject_ranges(path):
+def test_env_pins_and_pyproject_ranges_are_the_same_release_series(path):
     reqs = pyproject_requirements()
     checked = 0
     for name, (spec, _) in env_requirements(path).items():
         if name not in reqs:
             continue
-        lowest = Version(str(next(iter(spec)).version).rstrip(".*"))
-        assert reqs[name].specifier.contains(lowest, prereleases=True), \
+        pin = str(next(iter(spec)).version).rstrip(".*")
+        parts = [int(x) for x in pin.split(".")]
+        beyond = Version(".".join(map(str, parts[:-1] + [parts[-1] + 1])))  # next series
+        assert reqs[name].specifier.contains(Version(pin), prereleases=True), \
             f"{path.name}: {name} {spec} lies below pyproject's {reqs[name]}"
+        assert not reqs[name].specifier.contains(beyond, prereleases=True), \
+            f"pyproject's {reqs[name]} admits {beyond}, beyond {path.name}'s {name} {spec}"
         checked += 1
     assert checked >= 4
 
