@@ -27,6 +27,7 @@ test: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(SMK) --lint
+	$(VENV)/bin/snakefmt --check Snakefile workflow/rules
 
 dryrun: $(VENV)/.installed
 	$(SMK) -n --quiet rules

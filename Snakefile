@@ -1,7 +1,7 @@
 # vldd: vision-language dataset distillation (Wu, Zhang, Deng, Russakovsky, TMLR 2024).
 #
 #   snakemake --cores 8                  the whole pipeline on config/config.yaml
-#   snakemake --profile profiles/slurm   the same through SLURM
+#   snakemake --workflow-profile profiles/slurm   the same through SLURM
 #   snakemake distill                    one stage (and whatever it needs)
 #
 # Stages, data flow and output layout: README.md and results/README.md.

@@ -64,8 +64,8 @@ def ci_profile(dest: Path) -> Path:
                                  "runtime": 10, "mem_mb": 1000}
     for res in prof["set-resources"].values():
         res.update(slurm_partition="debug", mem_mb=2000, runtime=10)
-        if "cpus_per_gpu" in res:
-            res["cpus_per_gpu"] = 1
+    # the one node has as many CPUs as this machine: a thread per job (CPUs asked = threads)
+    prof["set-threads"] = {rule: 1 for rule in prof["set-threads"]}
     folder = dest / "slurm"
     folder.mkdir()
     (folder / "config.yaml").write_text(yaml.safe_dump(prof, sort_keys=False))
@@ -79,7 +79,8 @@ def test_every_job_goes_through_sbatch_and_finishes(slurm, tmp_path):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    # `--profile slurm` as a user types it, found as ./slurm in the working directory.
+    # `--profile slurm` as a user types it who copied profiles/slurm to a profile folder named
+    # slurm (here ./slurm in the working directory; ~/.config/snakemake/slurm works alike).
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
            "--configfile", "config.yaml", "--profile", "slurm"]
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,

@@ -58,6 +58,20 @@ def test_lint_reports_no_problem(tmp_path):
     assert "Congratulations, your workflow is in a good condition" in text
 
 
+def test_snakefmt_leaves_every_snakemake_file_unchanged():
+    """The Snakefile and the rule files as snakefmt writes them (pyproject [tool.snakefmt]);
+    snakefmt is in the `test` extra."""
+    import shutil
+
+    exe = shutil.which("snakefmt", path=str(Path(sys.executable).parent)) or \
+        shutil.which("snakefmt")
+    assert exe, "snakefmt is not installed: pip install -e '.[test]'"
+    out = subprocess.run([exe, "--check", "Snakefile", "workflow/rules"], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "8 file(s) would be left unchanged" in out.stderr + out.stdout
+
+
 def test_unknown_config_key_is_rejected_before_any_job(tmp_path):
     out = snakemake(tmp_path, "-n", "--config", "distil={iterations: 3}", check=False)
     assert out.returncode != 0
@@ -114,8 +128,34 @@ def test_figures_render_and_appear_in_the_report(tiny_run):
         assert name in html, name
 
 
+def test_report_rules_run_in_a_venv_built_from_envs_report_yaml(tiny_run, tmp_path_factory):
+    """summarize and the figures, rerun by Snakemake with `python` from a fresh venv that
+    holds only the packages of envs/report.yaml (no torch), as `--sdm conda` runs them."""
+    from test_envs import venv_from_env
+
+    python = venv_from_env(REPO / "envs" / "report.yaml", tmp_path_factory.mktemp("report-env"))
+    assert subprocess.run([str(python), "-c", "import torch"], capture_output=True).returncode
+    table = tiny_run / "results/tables/retrieval.parquet"
+    before = table.stat().st_mtime_ns
+    env = dict(os.environ, PATH=str(python.parent) + os.pathsep + os.environ.get("PATH", ""))
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
+           "--configfile", str(TINY), "--cores", "2", "--forcerun", "summarize",
+           "figure_distilled", "figure_recall"]
+    out = subprocess.run(cmd, cwd=tiny_run, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    ran = set(re.findall(r"^localrule (\w+):", out.stdout + out.stderr, flags=re.M))
+    assert ran == {"summarize", "figure_distilled", "figure_recall", "all"}, ran
+    assert table.stat().st_mtime_ns > before
+    assert set(pd.read_parquet(table)["method"]) == {"distilled-mtt", "coreset-random", "full"}
+
+
 def test_finished_run_has_nothing_left_to_do(tiny_run):
     out = snakemake(tiny_run, "-n")
+    assert "Nothing to be done" in out.stdout + out.stderr
+    # where the jobs run is not what they compute: another device plans no job
+    out = snakemake(tiny_run, "-n", "--quiet", "rules", "--config", "device=cpu")
+    assert job_counts(out.stdout + out.stderr) == {}, out.stdout[-2000:]
     assert "Nothing to be done" in out.stdout + out.stderr
 
 
@@ -158,6 +198,22 @@ def test_karpathy_dataset_runs_through_the_same_workflow(tmp_path):
     assert table["value"].between(0, 100).all()
     caps = pd.read_parquet(tmp_path / "results/karpathy_tiny/data/captions.parquet")
     assert (caps["split"] == "test").sum() == 16  # 8 test images x 2 captions
+    # the annotation file is prepare_dataset's input: editing it reruns the data stage
+    assert job_counts(snakemake(tmp_path, "-n", configfile=path).stdout) == {}
+    with ann.open("a") as f:  # new content (a mere touch with equal content reruns nothing)
+        f.write("\n")
+    out = snakemake(tmp_path, "-n", "--quiet", "rules", configfile=path)
+    assert job_counts(out.stdout + out.stderr).get("prepare_dataset") == 1
+
+
+def test_paper_config_without_its_data_names_the_missing_file(tmp_path):
+    out = snakemake(tmp_path, "-n", configfile=REPO / "config" / "flickr30k.yaml", check=False)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0
+    assert ("dataset.karpathy.annotations: data/flickr30k/dataset_flickr30k.json does not "
+            "exist") in text
+    assert "Download it (README.md" in text and "Job stats" not in text
+    assert not (tmp_path / "results").exists()
 
 
 def test_wrong_type_and_unknown_key_are_named_with_what_is_allowed(tmp_path):
@@ -170,6 +226,18 @@ def test_wrong_type_and_unknown_key_are_named_with_what_is_allowed(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+def test_a_number_inside_a_config_mapping_gets_the_configfile_fix(tmp_path):
+    """Snakemake passes `--config 'distill={iterations: 3}'` as the text '3': the error says
+    so and names --configfile; text that is no number ('many') gets no such hint."""
+    out = snakemake(tmp_path, "-n", "--config", "distill={iterations: 3}", check=False)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0 and not (tmp_path / "results").exists()
+    assert "'distill.iterations': '3' is not of type 'integer' (snakemake --config passes" in text
+    assert "add it with --configfile" in text
+    out = snakemake(tmp_path, "-n", "--config", "distill={iterations: many}", check=False)
+    assert out.returncode != 0 and "--configfile, e.g." not in out.stdout + out.stderr
+
+
 SHELL_SAFE = {"threads", "wildcards.i", "wildcards.n", "wildcards.seed"}  # digits only
 
 
@@ -178,7 +246,7 @@ def test_every_value_in_a_shell_command_is_quoted():
     unquoted = []
     for smk in sorted((REPO / "workflow" / "rules").glob("*.smk")):
         for block in re.findall(r"\n    shell:\n((?:        .*\n)+)", smk.read_text()):
-            for name, fmt in re.findall(r"\{([\w.]+)(:\w+)?\}", block):
+            for name, fmt in re.findall(r"\{([\w.\[\]]+)(:\w+)?\}", block):
                 if fmt != ":q" and name not in SHELL_SAFE:
                     unquoted.append(f"{smk.name}: {{{name}}}")
     blocks = sum(len(re.findall(r"\n    shell:\n", p.read_text()))

@@ -8,7 +8,31 @@ from shlex import quote as shlex_quote
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-SCHEMA = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
+# Paths of this checkout from the directory of this file (workflow/rules), not from
+# workflow.basedir, which is the directory of the outermost Snakefile: the workflow then also
+# works as a module of another one (`module vldd` with snakefile pointing here).
+PACKAGE_DIR = Path(str(workflow.current_basedir)).parent  # the folder of vldd and schemas
+SCHEMA = PACKAGE_DIR / "schemas" / "config.schema.yaml"
+
+
+def text_hint(err):
+    """For a type error on text that YAML reads as the wanted type (what `--config
+    'distill={iterations: 3}'` makes of 3: Snakemake passes values inside a mapping as
+    text), the fix; empty otherwise."""
+    import jsonschema
+    import yaml
+
+    if err.validator != "type" or not isinstance(err.instance, str):
+        return ""
+    try:
+        jsonschema.validate(yaml.safe_load(err.instance), {"type": err.validator_value})
+    except (yaml.YAMLError, jsonschema.ValidationError):
+        return ""
+    return (
+        " (snakemake --config passes values inside a mapping as text: put nested "
+        "settings in a YAML file and add it with --configfile, e.g. snakemake "
+        "--configfile config/config.yaml my.yaml)"
+    )
 
 
 def check_config(cfg):
@@ -26,15 +50,17 @@ def check_config(cfg):
             known = sorted(err.schema.get("properties", {}))
             for key in sorted(set(err.instance) - set(known)):
                 name = f"{where}.{key}" if where else key
-                problems.append(f"unknown key '{name}'; the keys allowed "
-                                f"{'in ' + where if where else 'at the top level'} are: "
-                                + ", ".join(known))
+                scope = f"in {where}" if where else "at the top level"
+                problems.append(
+                    f"unknown key '{name}'; the keys allowed {scope} are: {', '.join(known)}"
+                )
         else:
-            problems.append(f"'{where or '(top level)'}': {err.message}")
+            problems.append(f"'{where or '(top level)'}': {err.message}{text_hint(err)}")
     if problems:
         raise WorkflowError(
             "invalid configuration (config/README.md describes every key):\n  - "
-            + "\n  - ".join(problems))
+            + "\n  - ".join(problems)
+        )
 
 
 check_config(config)
@@ -57,11 +83,8 @@ CROSS = config["evaluate"].get("cross_architectures", {})
 
 # The package runs from this checkout, inside whatever Python the job has (a venv or the
 # conda env of the rule), so no install of vldd itself is needed.
-shell.prefix(
-    "export PYTHONPATH="
-    + shlex_quote(str(Path(workflow.basedir) / "workflow"))
-    + "${{PYTHONPATH:+:$PYTHONPATH}}; "
-)
+PYTHONPATH = shlex_quote(str(PACKAGE_DIR))
+shell.prefix(f"export PYTHONPATH={PYTHONPATH}" "${{PYTHONPATH:+:$PYTHONPATH}}; ")
 
 
 wildcard_constraints:
@@ -94,17 +117,23 @@ def check_variants():
     keys = sorted(props)
     for name, over in VARIANTS.items():
         if not re.fullmatch(r"[A-Za-z0-9]+", name):
-            raise WorkflowError(f"distill.variants: name '{name}' must be letters and digits "
-                                "only (it becomes part of the method name and of paths).")
+            raise WorkflowError(
+                f"distill.variants: name '{name}' must be letters and digits "
+                "only (it becomes part of the method name and of paths)."
+            )
         bad = sorted(set(over or {}) - set(keys))
         if bad:
-            raise WorkflowError(f"distill.variants.{name}: unknown key(s) {', '.join(bad)}; a "
-                                f"variant overrides distill keys: {', '.join(keys)}.")
+            raise WorkflowError(
+                f"distill.variants.{name}: unknown key(s) {', '.join(bad)}; a "
+                f"variant overrides distill keys: {', '.join(keys)}."
+            )
         for key, value in (over or {}).items():
             try:
                 jsonschema.validate(value, props[key])
             except jsonschema.ValidationError as err:
-                raise WorkflowError(f"distill.variants.{name}.{key}: {err.message}") from None
+                raise WorkflowError(
+                    f"distill.variants.{name}.{key}: {err.message}{text_hint(err)}"
+                ) from None
 
 
 check_variants()
@@ -128,10 +157,44 @@ def distill_section(method):
     return merged
 
 
+# The torch device reaches the jobs as a resource ({resources.device:q}), not as a param of
+# the rules: where a job runs is not what it computes, so another device reruns nothing.
+DEVICE = config["device"]
+
+
 def stage_json(**sections):
     """The settings a stage reads, as canonical JSON: rule params (so a change reruns
     exactly the jobs it affects) and the CLI's --config-json."""
     return json.dumps(sections, sort_keys=True, separators=(",", ":"))
+
+
+def dataset_sources():
+    """The annotation files prepare_dataset reads, as its input (editing one reruns it); none
+    for the synthetic source. Before the data are prepared, a missing one is an error that
+    names the key and where to get the file; once prepared, the raw files may go."""
+    ds = config["dataset"]
+    keys = {"karpathy": ["annotations"], "blip": ["train", "val", "test"]}
+    files = []
+    for key in keys.get(ds["source"], []):
+        path = ds[ds["source"]].get(key)
+        if path is None and (ds["source"], key) == ("blip", "val"):
+            continue  # optional
+        name = f"dataset.{ds['source']}.{key}"
+        if path is None:
+            raise WorkflowError(
+                f"{name} is not set: give the path of the annotation file "
+                f"(README.md, 'Your own data, Flickr30K and COCO')."
+            )
+        files.append((name, path))
+    prepared = all(Path(f).exists() for f in data_files().values())
+    missing = [(n, p) for n, p in files if not Path(p).is_file()]
+    if missing and not prepared:
+        name, path = missing[0]
+        raise WorkflowError(
+            f"{name}: {path} does not exist (relative to {Path.cwd()}). Download it (README.md,"
+            f" 'Your own data, Flickr30K and COCO') or set {name} to where it is."
+        )
+    return [] if missing else [p for _, p in files]
 
 
 def data_files(dataset=DATASET):
@@ -221,11 +284,14 @@ def included_eval_files():
             raise WorkflowError(
                 f"tables.include: '{pattern}' matches no file. Run the workflow with the "
                 "config that produces those evaluations first, or fix the pattern (paths are "
-                "relative to the directory snakemake runs in).")
+                "relative to the directory snakemake runs in)."
+            )
         bad = [f for f in found if not f.endswith(".parquet")]
         if bad:
-            raise WorkflowError(f"tables.include: '{pattern}' matches {bad[0]}, which is not "
-                                "an evaluation Parquet file (results/<dataset>/eval/...).")
+            raise WorkflowError(
+                f"tables.include: '{pattern}' matches {bad[0]}, which is not "
+                "an evaluation Parquet file (results/<dataset>/eval/...)."
+            )
         out += [f for f in found if f not in own and f not in out]
     return out
 
@@ -234,8 +300,9 @@ def cross_model(arch):
     """The model config of a cross-architecture evaluation: another image encoder, the same
     text side (the distilled texts live in its embedding space)."""
     if arch not in CROSS:
-        raise WorkflowError(f"no evaluate.cross_architectures entry '{arch}': known are "
-                            f"{sorted(CROSS)}.")
+        raise WorkflowError(
+            f"no evaluate.cross_architectures entry '{arch}': known are " f"{sorted(CROSS)}."
+        )
     return {**config["model"], "name": f"{MODEL}@{arch}", "image_encoder": CROSS[arch]}
 
 

@@ -19,13 +19,13 @@ rule select_coreset:
     threads: 1
     resources:
         gpu=lambda w: 0 if w.kind == "random" else 1,
+        device=DEVICE,
     params:
         cfg=coreset_json,
         data=lambda w, input: str(Path(input.images).parent),
         expert=lambda w, input: ["--experts", input.expert] if input.expert else [],
-        device=config["device"],
     shell:
         "python -m vldd --threads {threads} select-coreset --config-json {params.cfg:q}"
         " --data {params.data:q} --embeddings {input.embeddings:q} --kind {wildcards.kind:q}"
         " {params.expert:q} --budget {wildcards.n} --out {output:q}"
-        " --device {params.device:q} > {log:q} 2>&1"
+        " --device {resources.device:q} > {log:q} 2>&1"

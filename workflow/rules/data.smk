@@ -2,6 +2,8 @@
 
 
 rule prepare_dataset:
+    input:
+        dataset_sources(),
     output:
         images="results/{dataset}/data/images.h5",
         captions="results/{dataset}/data/captions.parquet",
@@ -34,10 +36,10 @@ rule embed_captions:
     threads: 2
     resources:
         gpu=1,
+        device=DEVICE,
     params:
         cfg=lambda w: stage_json(model={"text_encoder": config["model"]["text_encoder"]}),
         data=lambda w, input: str(Path(input.images).parent),
-        device=config["device"],
     shell:
         "python -m vldd --threads {threads} embed-captions --config-json {params.cfg:q}"
-        " --data {params.data:q} --out {output:q} --device {params.device:q} > {log:q} 2>&1"
+        " --data {params.data:q} --out {output:q} --device {resources.device:q} > {log:q} 2>&1"

@@ -19,12 +19,12 @@ rule distill:
     threads: 1
     resources:
         gpu=1,
+        device=DEVICE,
     params:
         cfg=lambda w: stage_json(model=config["model"], distill=distill_section(w.method)),
         data=lambda w, input: str(Path(input.images).parent),
-        device=config["device"],
     shell:
         "python -m vldd --threads {threads} distill --config-json {params.cfg:q}"
         " --data {params.data:q} --embeddings {input.embeddings:q} --experts {input.experts:q}"
         " --budget {wildcards.n} --out {output.pairs:q} --curve {output.curve:q}"
-        " --device {params.device:q} > {log:q} 2>&1"
+        " --device {resources.device:q} > {log:q} 2>&1"

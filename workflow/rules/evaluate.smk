@@ -17,15 +17,17 @@ rule evaluate:
     threads: 1
     resources:
         gpu=1,
+        device=DEVICE,
     params:
-        cfg=lambda w: stage_json(model=config["model"], evaluate=section("evaluate", ["seeds", "cross_architectures"])),
+        cfg=lambda w: stage_json(
+            model=config["model"], evaluate=section("evaluate", ["seeds", "cross_architectures"])
+        ),
         data=lambda w, input: str(Path(input.images).parent),
-        device=config["device"],
     shell:
         "python -m vldd --threads {threads} evaluate --config-json {params.cfg:q}"
         " --data {params.data:q} --embeddings {input.embeddings:q} --pairs {input.pairs:q}"
         " --seed {wildcards.seed} --dataset {wildcards.dataset:q} --out {output:q}"
-        " --device {params.device:q} > {log:q} 2>&1"
+        " --device {resources.device:q} > {log:q} 2>&1"
 
 
 rule evaluate_cross:
@@ -44,15 +46,18 @@ rule evaluate_cross:
     threads: 1
     resources:
         gpu=1,
+        device=DEVICE,
     params:
-        cfg=lambda w: stage_json(model=cross_model(w.arch), evaluate=section("evaluate", ["seeds", "cross_architectures"])),
+        cfg=lambda w: stage_json(
+            model=cross_model(w.arch),
+            evaluate=section("evaluate", ["seeds", "cross_architectures"]),
+        ),
         data=lambda w, input: str(Path(input.images).parent),
-        device=config["device"],
     shell:
         "python -m vldd --threads {threads} evaluate --config-json {params.cfg:q}"
         " --data {params.data:q} --embeddings {input.embeddings:q} --pairs {input.pairs:q}"
         " --seed {wildcards.seed} --dataset {wildcards.dataset:q} --out {output:q}"
-        " --device {params.device:q} > {log:q} 2>&1"
+        " --device {resources.device:q} > {log:q} 2>&1"
 
 
 rule train_full:
@@ -70,12 +75,12 @@ rule train_full:
     threads: 1
     resources:
         gpu=1,
+        device=DEVICE,
     params:
         cfg=lambda w: stage_json(model=config["model"], full=section("full", ["enabled"])),
         data=lambda w, input: str(Path(input.images).parent),
-        device=config["device"],
     shell:
         "python -m vldd --threads {threads} train-full --config-json {params.cfg:q}"
         " --data {params.data:q} --embeddings {input.embeddings:q} --seed {wildcards.seed}"
-        " --dataset {wildcards.dataset:q} --out {output:q} --device {params.device:q}"
+        " --dataset {wildcards.dataset:q} --out {output:q} --device {resources.device:q}"
         " > {log:q} 2>&1"

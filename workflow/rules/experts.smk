@@ -17,11 +17,11 @@ rule train_expert:
     threads: 1
     resources:
         gpu=1,
+        device=DEVICE,
     params:
         cfg=lambda w: stage_json(model=config["model"], experts=section("experts", ["count"])),
         data=lambda w, input: str(Path(input.images).parent),
-        device=config["device"],
     shell:
         "python -m vldd --threads {threads} train-expert --config-json {params.cfg:q}"
         " --data {params.data:q} --embeddings {input.embeddings:q} --index {wildcards.i}"
-        " --out {output:q} --device {params.device:q} > {log:q} 2>&1"
+        " --out {output:q} --device {resources.device:q} > {log:q} 2>&1"
