@@ -72,13 +72,24 @@ def validate_sections(cfg: dict) -> None:
         raise VlddError(_message(err, ".".join(map(str, err.absolute_path)) or "--config-json"))
 
 
+def _can_create(folder: Path) -> bool:
+    """os.access says yes to root everywhere except on read-only mounts; a probe file is sure."""
+    import tempfile
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".vldd-probe-"):
+            return True
+    except OSError:
+        return False
+
+
 def check_writable(path: Path, what: str) -> None:
     """Refuse an output whose folder cannot be created or written, before any work."""
     folder = Path(path).parent if what != "--out-dir" else Path(path)
     existing = folder
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK) \
+            or not _can_create(existing):
         raise VlddError(f"{what} {path}: the folder {existing} is not writable (or not a "
                         "folder). Fix its permissions or choose another output path.")
     if Path(path).is_dir() and what != "--out-dir":

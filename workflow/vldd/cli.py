@@ -10,6 +10,7 @@ import argparse
 import errno
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -65,8 +66,9 @@ def _os_error(exc: OSError):
                 code = c
     if code not in _OS_FIX:
         return None
+    said = " ".join(str(exc).split())[:240]   # h5py's message spans lines
     return VlddError(f"{exc.filename or 'writing an output'}: {errno.errorcode[code]} "
-                     f"({str(exc)[:200]}): {_OS_FIX[code]}. Nothing half-written was kept.")
+                     f"({said}): {_OS_FIX[code]}. Nothing half-written was kept.")
 
 
 def _terminate(signum, frame):
@@ -231,6 +233,10 @@ def main(argv=None):
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     signal.signal(signal.SIGTERM, _terminate)
+    # h5py reports failed closes of a file it could not write (a full disk) from __del__ as
+    # "Exception ignored" tracebacks; the failure itself is reported once, below.
+    sys.unraisablehook = lambda u: logging.getLogger("vldd").debug(
+        "ignored in %r: %s", u.object, u.exc_value)
     try:
         cfg = _json(args.config_json)
         _check_outputs(args)
@@ -243,7 +249,10 @@ def main(argv=None):
         if err is None:
             raise
         print(f"vldd {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        # h5py objects of a file whose write failed can crash the interpreter's teardown
+        # (a segfault after the error was printed): leave without it; outputs are cleaned.
+        sys.stderr.flush()
+        os._exit(2)
     except VlddError as exc:
         print(f"vldd {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -230,6 +230,16 @@ def _check_duplicates(items) -> None:
                             "Keep one entry (merge their captions).")
 
 
+def _check_distinct(table: pd.DataFrame, items) -> None:
+    """Contrastive training and text retrieval need captions that differ."""
+    train = table.loc[table["split"] == "train", "caption"]
+    if train.nunique() < 2:
+        origin = items[0].where.split(": ")[0]
+        raise VlddError(f"{origin}: all {len(train)} training captions are identical after "
+                        f"preprocessing ({train.iloc[0]!r}): nothing tells the images apart. "
+                        "Use the real captions.")
+
+
 # ---------------------------------------------------------------- prepare
 
 def prepare_dataset(cfg: dict, out_dir) -> None:
@@ -277,6 +287,7 @@ def prepare_dataset(cfg: dict, out_dir) -> None:
                                 f"preprocessing (raw {raw!r}). Fix or remove that caption.")
             rows.append((idx, it.split, cap, raw))
     table = pd.DataFrame(rows, columns=CAPTION_COLUMNS[1:])
+    _check_distinct(table, items)
     table.insert(0, "caption_id", np.arange(len(table), dtype=np.int64))
     table["image_index"] = table["image_index"].astype(np.int64)
 
