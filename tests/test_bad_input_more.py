@@ -226,13 +226,21 @@ def test_summarize_refuses_a_parquet_that_is_not_an_evaluation(store, tmp_path):
     assert no_outputs(tmp_path / "t")
 
 
-def test_include_pattern_matching_the_workflows_own_outputs_is_refused(tmp_path):
+def test_include_pattern_matching_the_workflows_own_tables_is_refused(store, coreset, tmp_path):
+    """check_include, for the rule that expands tables.include: its own tables are a cycle,
+    its own evaluations are skipped, other runs' evaluations are taken."""
     from vldd.checks import check_include
     from vldd.errors import VlddError
 
-    own = ["results/tables/results.parquet", "results/t/eval/m/coreset-random/n8/seed0.parquet"]
-    with pytest.raises(VlddError, match="writes itself"):
-        check_include("results/**/*.parquet", ["results/tables/results.parquet"], own)
+    other = tmp_path / "other" / "seed0.parquet"
+    assert evaluate(store, coreset, other).returncode == 0
+    mine, table = tmp_path / "mine.parquet", tmp_path / "tables" / "results.parquet"
+    shutil.copy(other, mine)
+    with pytest.raises(VlddError, match="a cycle"):
+        check_include("**/*.parquet", [other, mine, table], [mine], [table])
+    assert check_include("**/*.parquet", [other, mine], [mine], [table]) == [str(other)]
+    with pytest.raises(VlddError, match="not a readable Parquet file"):
+        check_include("*.h5", [coreset], [], [])
 
 
 # ------------------------------------------------------------------ 6. image modes
@@ -453,6 +461,30 @@ def test_stale_temporary_files_of_killed_writers_are_removed(store, tmp_path):
                config={"model": MODEL, "coresets": {}})
     assert out.returncode == 0, out.stderr[-2000:]
     assert sorted(p.name for p in out_dir.iterdir()) == ["pairs.h5"]
+
+
+def test_sigterm_removes_partial_files_and_keeps_the_checkpoint(store, tmp_path):
+    """Snakemake or Slurm stopping a job (SIGTERM): no temporary file stays, the last
+    checkpoint does (a rerun resumes from it), and no output looks finished."""
+    import signal
+    import time
+
+    cfg = {**DISTILL, "iterations": 100_000, "checkpoint_every": 1}
+    d = tmp_path / "d"
+    cmd = [sys.executable, "-m", "vldd", "--threads", "1", "distill", "--config-json",
+           json.dumps({"model": MODEL, "distill": cfg}), "--device", "cpu", "--data",
+           str(store / "data"), "--embeddings", str(store / "emb.h5"), "--experts",
+           str(store / "expert_0.h5"), "--budget", "6", "--out", str(d / "pairs.h5"),
+           "--curve", str(d / "curve.parquet")]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (d / "pairs.h5.ckpt.h5").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert sorted(p.name for p in d.iterdir()) == ["pairs.h5.ckpt.h5"]
 
 
 # ------------------------------------------------------------------ 11. NaN scores

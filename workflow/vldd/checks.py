@@ -121,18 +121,22 @@ def check_eval_table(path) -> None:
                         "eval/**/seed*.parquet files of other runs only: narrow the pattern.")
 
 
-def check_include(pattern: str, matches, own_outputs) -> list:
-    """The files a tables.include pattern matched, after refusing ones this workflow makes
-    (its tables, or its own evaluation files: a cycle, or rows counted twice) and files that
-    are not evaluation tables. `own_outputs`: the paths of this run's eval files and tables."""
-    own = {os.path.normpath(str(p)) for p in own_outputs}
+def check_include(pattern: str, matches, own_evals=(), own_tables=()) -> list:
+    """The files a tables.include pattern matched that summarize should add: refuses the
+    tables this workflow writes (summarize's own outputs: a cyclic graph that would delete
+    them) and files that are not evaluation tables; skips this run's own evaluation files
+    (they are inputs anyway). Called where the workflow expands the patterns."""
+    tables = {os.path.normpath(str(p)) for p in own_tables}
+    evals = {os.path.normpath(str(p)) for p in own_evals}
     out = []
     for m in sorted(map(str, matches)):
-        if os.path.normpath(m) in own:
-            raise VlddError(f"config tables.include pattern {pattern!r} matches {m}, which this "
-                            "workflow writes itself (a cycle, or the same rows twice): narrow "
-                            "it to other runs' eval folders, e.g. 'results/<dataset>/eval/"
-                            "<other model>/**/*.parquet'.")
+        if os.path.normpath(m) in tables:
+            raise VlddError(f"config tables.include pattern {pattern!r} matches {m}, a table "
+                            "this workflow writes from the evaluations (a cycle): narrow it to "
+                            "other runs' eval folders, e.g. 'results/<dataset>/eval/<other "
+                            "model>/**/*.parquet'.")
+        if os.path.normpath(m) in evals:
+            continue
         check_eval_table(m)
         out.append(m)
     return out
