@@ -487,6 +487,18 @@ def test_sigterm_removes_partial_files_and_keeps_the_checkpoint(store, tmp_path)
     assert sorted(p.name for p in d.iterdir()) == ["pairs.h5.ckpt.h5"]
 
 
+def test_stale_staging_folder_of_a_killed_prepare_is_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    stale = tmp_path / "out" / f".prepare-{dead}-abc"
+    stale.mkdir(parents=True)
+    (stale / "images.h5").write_bytes(b"half")
+    out = prepare({"dataset": DATASET}, tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["captions.parquet",
+                                                                    "images.h5"]
+
+
 # ------------------------------------------------------------------ 11. NaN scores
 
 def test_recall_refuses_nan_scores():

@@ -230,6 +230,14 @@ def _check_duplicates(items) -> None:
                             "Keep one entry (merge their captions).")
 
 
+def _remove_stale_stages(out_dir: Path) -> None:
+    """Staging folders of prepare runs that were killed (SIGKILL, a crash)."""
+    for old in out_dir.glob(".prepare-*-*"):
+        pid = old.name.split("-")[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not io.pid_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def _check_distinct(table: pd.DataFrame, items) -> None:
     """Contrastive training and text retrieval need captions that differ."""
     train = table.loc[table["split"] == "train", "caption"]
@@ -303,7 +311,8 @@ def prepare_dataset(cfg: dict, out_dir) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     # Both files are written into a private staging folder and moved in at the end, so
     # a failure at any point (a corrupt image, a full disk) leaves neither behind.
-    stage = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out_dir))
+    _remove_stale_stages(out_dir)
+    stage = Path(tempfile.mkdtemp(prefix=f".prepare-{os.getpid()}-", dir=out_dir))
     done = False
     try:
         with io.h5_writer(stage / "images.h5", prov) as f, \

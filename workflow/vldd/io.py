@@ -57,7 +57,7 @@ def provenance(kind: str, config_section, **extra) -> dict:
     return prov
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -71,7 +71,7 @@ def remove_stale_temporaries(path: Path) -> None:
     """Temporary files of `path` left by killed writers (SIGKILL, a crash) of this host."""
     for old in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
         pid = old.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             old.unlink(missing_ok=True)
 
 
