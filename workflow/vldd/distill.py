@@ -51,6 +51,14 @@ def _check_schedule(cfg, n_epochs, path):
                         f"({cfg['expert_epochs']}) = {need}. Train longer experts or lower them.")
 
 
+def _check_rows(t, last: int):
+    """Read every epoch the run can draw (0..last) once, so that a truncated or corrupt
+    expert is refused before the first iteration rather than hours into the run."""
+    for group in ("image", "text"):
+        for epoch in range(last + 1):
+            t.rows(group, epoch)
+
+
 # The curve: one row per iteration. term_*: each encoder's normalised matching term;
 # grad_*: the norm of the meta-gradient of the pixels, the texts and each lr; step_*: the
 # update of the pixels / texts relative to their norm.
@@ -110,6 +118,7 @@ class Distiller:
             for group in ("image", "text"):
                 t.check_layout(group, self.layouts[group])
             _check_schedule(cfg, t.n_epochs, t.path)
+            _check_rows(t, int(cfg["max_start_epoch"]) - 1 + int(cfg["expert_epochs"]))
         tower = self.model.tower
         self.mean, self.std = tower.mean, tower.std
         ids = random_pairs(prepared, self.budget, seed, where="distill budget")
