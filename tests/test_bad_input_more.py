@@ -187,6 +187,21 @@ def test_schema_refuses_through_snakemake(tmp_path, group):
     assert not (tmp_path / "results").exists()
 
 
+def test_nan_in_a_distill_variant_is_refused(tmp_path):
+    """Variants are checked key by key against the distill schema: each key's schema must
+    stand alone (no $ref), and NaN must fail it."""
+    cfg = _merge(yaml.safe_load((REPO / "tests" / "configs" / "tiny.yaml").read_text()),
+                 {"distill": {"variants": {"fast": {"lr_image": 0.5, "lr_min": float("nan")}}}})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    out = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile",
+                          str(REPO / "Snakefile"), "--configfile", str(tmp_path / "c.yaml"),
+                          "-n", "--cores", "1"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode != 0
+    assert "distill.variants.fast.lr_min: nan" in out.stdout + out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
+
+
 @pytest.mark.parametrize("case", sorted(SCHEMA_CASES))
 def test_schema_refuses_through_the_stage_cli(tmp_path, case):
     """The same settings given to a stage directly (--config-json)."""

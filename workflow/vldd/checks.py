@@ -44,8 +44,8 @@ def _message(err, where: str) -> str:
         return (f"config {where} = {err.instance!r}: not allowed; use one of "
                 f"{', '.join(map(str, err.validator_value))}. {FIX}")
     if err.validator == "pattern":
-        return (f"config {where} = {err.instance!r}: not allowed; it must be "
-                f"{err.schema.get('description', err.validator_value)}. {FIX}")
+        return (f"config {where} = {err.instance!r}: does not match "
+                f"{err.validator_value} ({err.schema.get('description', '')}). {FIX}")
     if err.validator == "uniqueItems":
         return (f"config {where} = {err.instance!r} repeats a value: each value is one run "
                 f"(a repeat would be counted twice in the tables); list each once. {FIX}")
