@@ -98,7 +98,7 @@ def test_annotations_of_an_unknown_format(karpathy, tmp_path):
 
 def test_unknown_dataset_source(tmp_path):
     out = _prepare({"dataset": {**DATASET, "source": "imagenet"}}, tmp_path)
-    assert_refused(out, "unknown source", "imagenet")
+    assert_refused(out, "dataset.source", "imagenet", "synthetic, karpathy, blip")
     assert no_outputs(tmp_path / "out")
 
 
@@ -120,7 +120,7 @@ def _distill(store, tmp_path, experts, cfg=None, model=MODEL):
 def test_expert_of_another_model(store, tmp_path):
     other = {**MODEL, "image_encoder": {**MODEL["image_encoder"], "trainable": "last:2"}}
     out = _distill(store, tmp_path, [store / "expert_0.h5"], model=other)
-    assert_refused(out, "expert_0.h5", "another model", "rerun train_expert")
+    assert_refused(out, "expert_0.h5", "another model", "train_expert")
     assert no_outputs(tmp_path / "d")
 
 

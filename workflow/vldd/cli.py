@@ -7,8 +7,11 @@ Snakemake. Exit status: 0 done, 2 bad input (one message naming the file or key 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -17,14 +20,60 @@ from .errors import VlddError
 
 def _json(text: str) -> dict:
     if text.startswith("@"):
-        text = Path(text[1:]).read_text()
+        try:
+            text = Path(text[1:]).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise VlddError(f"--config-json {text}: cannot read the file ({exc}).") from exc
     try:
         value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise VlddError(f"--config-json is not valid JSON ({exc}).") from exc
+    except (json.JSONDecodeError, RecursionError) as exc:
+        why = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise VlddError(f"--config-json is not valid JSON ({why}).") from exc
     if not isinstance(value, dict):
         raise VlddError("--config-json must be a JSON object.")
+    from .checks import validate_sections
+    validate_sections(value)
     return value
+
+
+OUTPUTS = ("out_dir", "out", "curve", "out_parquet", "out_md", "out_ablations", "out_examples",
+           "out_curve", "out_recall")
+
+
+def _check_outputs(args):
+    """Every output folder must be writable before the stage starts (not after hours)."""
+    from .checks import check_writable
+    for name in OUTPUTS:
+        path = getattr(args, name, None)
+        if path is not None:
+            check_writable(path, "--" + name.replace("_", "-"))
+
+
+# OSErrors that are the machine's state, not a bug: one line that says which and the fix.
+_OS_FIX = {errno.ENOSPC: "free space on that disk (or point results elsewhere) and rerun",
+           errno.EDQUOT: "free space within your quota and rerun",
+           errno.EFBIG: "the file is larger than this file system or ulimit -f allows",
+           errno.EROFS: "the file system is read-only: write the results elsewhere",
+           errno.EACCES: "fix the permissions, or write the results elsewhere",
+           errno.EPERM: "fix the permissions, or write the results elsewhere"}
+
+
+def _os_error(exc: OSError):
+    code = exc.errno
+    if code is None:  # h5py puts the C errno into the message only
+        for c in _OS_FIX:
+            if f"errno = {c}," in str(exc):
+                code = c
+    if code not in _OS_FIX:
+        return None
+    said = " ".join(str(exc).split())[:240]   # h5py's message spans lines
+    return VlddError(f"{exc.filename or 'writing an output'}: {errno.errorcode[code]} "
+                     f"({said}): {_OS_FIX[code]}. Nothing half-written was kept.")
+
+
+def _terminate(signum, frame):
+    """SIGTERM (Snakemake or Slurm stopping a job) runs the cleanup of partial outputs."""
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _need(cfg: dict, *keys):
@@ -82,7 +131,10 @@ def cmd_train_full(a, cfg):
 
 
 def cmd_summarize(a, cfg):
+    from .checks import check_eval_table
     from .tables import summarize
+    for path in a.inputs:
+        check_eval_table(path)
     summarize(a.inputs, a.out_parquet, a.out_md, a.out_ablations, a.main_method)
 
 
@@ -180,14 +232,33 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    signal.signal(signal.SIGTERM, _terminate)
+    # h5py reports failed closes of a file it could not write (a full disk) from __del__ as
+    # "Exception ignored" tracebacks; the failure itself is reported once, below.
+    sys.unraisablehook = lambda u: logging.getLogger("vldd").debug(
+        "ignored in %r: %s", u.object, u.exc_value)
     try:
+        cfg = _json(args.config_json)
+        _check_outputs(args)
         if args.threads:
             import torch
             torch.set_num_threads(args.threads)
-        args.fn(args, _json(args.config_json))
+        args.fn(args, cfg)
+    except OSError as exc:
+        err = _os_error(exc)
+        if err is None:
+            raise
+        print(f"vldd {args.command}: error: {err}", file=sys.stderr)
+        # h5py objects of a file whose write failed can crash the interpreter's teardown
+        # (a segfault after the error was printed): leave without it; outputs are cleaned.
+        sys.stderr.flush()
+        os._exit(2)
     except VlddError as exc:
         print(f"vldd {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"vldd {args.command}: interrupted; partial outputs removed.", file=sys.stderr)
+        return 130
     return 0
 
 

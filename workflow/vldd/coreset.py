@@ -105,6 +105,37 @@ def _image_spec_key(spec: dict) -> dict:
     return key
 
 
+# model keys besides the encoders that change what an expert learns, with their defaults
+MODEL_DEFAULTS = {"head_dropout": 0.1, "temperature": 0.07, "quirk_inner_log_scale": False}
+
+
+def check_expert_model(t, model_cfg: dict) -> None:
+    """Refuse an expert trajectory `t` trained with another model than `model_cfg`: another
+    image encoder (name, weights, trainable part, kwargs, LoRA), text encoder, text-head
+    dropout, temperature or logit quirk. (The label model.name does not count.)"""
+    theirs_model = json.loads(t.attrs.get("config_json", "{}")).get("model", {})
+    checks = [("image_encoder", _image_spec_key), ("text_encoder", text_spec)]
+    for key, norm in checks:
+        raw = t.attrs.get(key)
+        theirs = json.loads(raw) if raw is not None else theirs_model.get(key)
+        if theirs is not None and norm(theirs) != norm(model_cfg[key]):
+            _other_model(t.path, key, norm(theirs), norm(model_cfg[key]))
+    if not theirs_model:
+        return
+    for key, default in MODEL_DEFAULTS.items():
+        theirs, ours = theirs_model.get(key, default), model_cfg.get(key, default)
+        if theirs != ours:
+            _other_model(t.path, f"model.{key}", theirs, ours)
+
+
+def _other_model(path, key, theirs, ours):
+    raise VlddError(
+        f"{path}: this expert was trained with another model ({key} "
+        f"{json.dumps(theirs, sort_keys=True)}, the config has "
+        f"{json.dumps(ours, sort_keys=True)}). Rerun train_expert with the current config, "
+        "or pass the expert of this model.")
+
+
 def load_expert_model(expert_path, model_cfg, text_dim, data_dir, embeddings_path, device):
     """A model of `model_cfg` holding the final parameters of the expert at expert_path.
 
@@ -117,18 +148,7 @@ def load_expert_model(expert_path, model_cfg, text_dim, data_dir, embeddings_pat
 
     t = Trajectory(expert_path)
     try:
-        for key, ours, norm in (("image_encoder", model_cfg["image_encoder"], _image_spec_key),
-                                ("text_encoder", model_cfg["text_encoder"], text_spec)):
-            raw = t.attrs.get(key)
-            if raw is None:
-                continue
-            theirs = norm(json.loads(raw))
-            if theirs != norm(ours):
-                raise VlddError(
-                    f"{expert_path}: this expert was trained with another model ({key} "
-                    f"{json.dumps(theirs, sort_keys=True)}, the config has "
-                    f"{json.dumps(norm(ours), sort_keys=True)}). Rerun train_expert with the "
-                    "current config, or pass the expert of this model.")
+        check_expert_model(t, model_cfg)
         check_experts_data([t], data_dir, embeddings_path)
         model = build_model(model_cfg, text_dim, seed=0)
         layouts = model.layouts()
@@ -387,4 +407,7 @@ def select_coreset(data_dir, embeddings_path, model_cfg, kind, budget, seed, out
     ids = np.asarray(ids, dtype=np.int64)
     images, texts = real_pairs(prepared, emb, ids, mean, std)
     ps = PairSet(images, texts, ids, kind="coreset", method=kind, mean=mean, std=std)
+    from .experts import data_fingerprint
+    from .io import config_hash
+    extra["data_sha256"] = config_hash(data_fingerprint(data_dir, embeddings_path))
     write_pairset(out_path, ps, provenance("pairset", section, seed=seed, **extra))

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import tempfile
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ SPLITS = ("train", "val", "test")
 SPLIT_CODE = {"train": 0, "val": 1, "test": 2, "restval": 0}  # restval is training data
 CAPTION_COLUMNS = ["caption_id", "image_index", "split", "caption", "raw"]
 CHUNK = 64  # images per HDF5 chunk and per decoding block
+MAX_RESOLUTION = 1024
 
 
 def pre_caption(text: str, max_words: int = 30) -> str:
@@ -77,15 +79,30 @@ def _read_json(path: Path, key: str):
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise VlddError(f"{path}: not valid JSON ({exc}). Re-download the annotation file "
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        why = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise VlddError(f"{path}: not valid JSON ({why}). Re-download the annotation file "
                         f"or point config {key} at the right one.") from exc
 
 
 def _str_field(entry, key: str, where: str, fix: str) -> str:
     if not isinstance(entry, dict) or not isinstance(entry.get(key), str):
         raise VlddError(f"{where}: no string field '{key}'. {fix}")
+    try:
+        entry[key].encode("utf-8")
+    except UnicodeEncodeError as exc:   # a lone UTF-16 surrogate such as "\ud800"
+        raise VlddError(f"{where}: field '{key}' holds an invalid character "
+                        f"({entry[key][exc.start:exc.end]!r}, a lone surrogate): fix the "
+                        "annotation file's text.") from exc
     return entry[key]
+
+
+# Characters that show nothing: controls, zero-width/format characters, separators.
+_INVISIBLE = ("Cc", "Cf", "Cs", "Zs", "Zl", "Zp")
+
+
+def is_blank(text: str) -> bool:
+    return all(unicodedata.category(ch) in _INVISIBLE for ch in text)
 
 
 # ---------------------------------------------------------------- sources
@@ -173,15 +190,66 @@ def _synthetic(section: dict, resolution: int):
     return images, items
 
 
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB: 16/32-bit grey scaled (not clipped) to 8 bits, transparent
+    pixels composited on white (their hidden colour is arbitrary), CMYK/palette converted."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        grey = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode != "I" or grey.max(initial=0) > 255 else 255.0
+        grey = np.clip(np.rint(grey * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if im.mode == "F":
+        raise ValueError("floating-point image mode F: convert it to 8-bit RGB first")
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
 def _load_image(item: _Item, resolution: int) -> np.ndarray:
     try:
         with Image.open(item.path) as im:
-            rgb = im.convert("RGB")
+            rgb = _to_rgb(im)
             # The paper's test transform: plain bicubic resize to a square, no crop.
             return np.asarray(rgb.resize((resolution, resolution), Image.BICUBIC), np.uint8)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise VlddError(f"{item.path}: unreadable or corrupt image ({exc}), named by "
                         f"{item.where}. Replace the file or drop the entry.") from exc
+
+
+def _check_duplicates(items) -> None:
+    """Refuse one image file named by two entries: across splits that is train/test leakage,
+    within a split one image counted twice."""
+    seen: dict[str, _Item] = {}
+    for it in items:
+        if it.path is None:
+            continue
+        key = os.path.normpath(str(it.path))
+        first = seen.setdefault(key, it)
+        if first is not it:
+            what = (f"in both the {first.split} and the {it.split} split (train/test leakage)"
+                    if first.split != it.split else f"twice in the {it.split} split")
+            raise VlddError(f"{it.path} is named {what}: by {first.where} and by {it.where}. "
+                            "Keep one entry (merge their captions).")
+
+
+def _remove_stale_stages(out_dir: Path) -> None:
+    """Staging folders of prepare runs that were killed (SIGKILL, a crash)."""
+    for old in out_dir.glob(".prepare-*-*"):
+        pid = old.name.split("-")[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not io.pid_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _check_distinct(table: pd.DataFrame, items) -> None:
+    """Contrastive training and text retrieval need captions that differ."""
+    train = table.loc[table["split"] == "train", "caption"]
+    if train.nunique() < 2:
+        origin = items[0].where.split(": ")[0]
+        raise VlddError(f"{origin}: all {len(train)} training captions are identical after "
+                        f"preprocessing ({train.iloc[0]!r}): nothing tells the images apart. "
+                        "Use the real captions.")
 
 
 # ---------------------------------------------------------------- prepare
@@ -192,6 +260,9 @@ def prepare_dataset(cfg: dict, out_dir) -> None:
         raise VlddError("config 'dataset' must be a mapping with at least 'source'.")
     source = cfg.get("source")
     resolution = _int(cfg, "resolution", "dataset", 1)
+    if resolution > MAX_RESOLUTION:
+        raise VlddError(f"config dataset.resolution = {resolution}: at most {MAX_RESOLUTION} "
+                        "(stored images grow with its square); the paper uses 224.")
     max_words = _int({"max_words": cfg.get("max_words", 30)}, "max_words", "dataset", 1)
     images = None
     if source == "synthetic":
@@ -211,6 +282,7 @@ def prepare_dataset(cfg: dict, out_dir) -> None:
         if not any(it.split == split for it in items):
             raise VlddError(f"dataset ({source}): no {split} images. Check the annotation "
                             "file(s) and their split fields.")
+    _check_duplicates(items)
     for it in items:
         if it.path is not None and not it.path.is_file():
             raise VlddError(f"{it.path}: image file not found, named by {it.where}. Check "
@@ -222,11 +294,12 @@ def prepare_dataset(cfg: dict, out_dir) -> None:
                             "or drop the entry.")
         for j, raw in enumerate(it.captions):
             cap = pre_caption(raw, max_words)
-            if not cap:
+            if is_blank(cap):
                 raise VlddError(f"{it.where} ({it.filename}): caption {j} is empty after "
                                 f"preprocessing (raw {raw!r}). Fix or remove that caption.")
             rows.append((idx, it.split, cap, raw))
     table = pd.DataFrame(rows, columns=CAPTION_COLUMNS[1:])
+    _check_distinct(table, items)
     table.insert(0, "caption_id", np.arange(len(table), dtype=np.int64))
     table["image_index"] = table["image_index"].astype(np.int64)
 
@@ -242,7 +315,8 @@ def prepare_dataset(cfg: dict, out_dir) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     # Both files are written into a private staging folder and moved in at the end, so
     # a failure at any point (a corrupt image, a full disk) leaves neither behind.
-    stage = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out_dir))
+    _remove_stale_stages(out_dir)
+    stage = Path(tempfile.mkdtemp(prefix=f".prepare-{os.getpid()}-", dir=out_dir))
     done = False
     try:
         with io.h5_writer(stage / "images.h5", prov) as f, \

@@ -24,15 +24,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .coreset import random_pairs, real_pairs
+from .coreset import check_expert_model, random_pairs, real_pairs
 from .data import load_prepared
 from .embed import load_embeddings
 from .engines import EngineOptions, apply_backend, check_engine, meta_gradient
 from .engines import matching_loss, unroll  # noqa: F401  (the exact engine's pieces)
 from .errors import VlddError
-from .experts import check_experts_data
+from .experts import check_experts_data, data_fingerprint
 from .io import atomic_path, h5_dataset, h5_writer, open_h5, provenance, write_parquet, config_hash
-from .model import build_model, logit_scale, resolve_device
+from .model import build_model, cuda_rng_state, logit_scale, resolve_device, set_cuda_rng_state
 from .pairset import PairSet, write_pairset
 from .progress import Progress
 from .train import train_mode
@@ -50,6 +50,14 @@ def _check_schedule(cfg, n_epochs, path):
         raise VlddError(f"{path}: has {n_epochs} epochs, but distill.max_start_epoch "
                         f"({cfg['max_start_epoch']}) - 1 + distill.expert_epochs "
                         f"({cfg['expert_epochs']}) = {need}. Train longer experts or lower them.")
+
+
+def _check_rows(t, last: int):
+    """Read every epoch the run can draw (0..last) once, so that a truncated or corrupt
+    expert is refused before the first iteration rather than hours into the run."""
+    for group in ("image", "text"):
+        for epoch in range(last + 1):
+            t.rows(group, epoch)
 
 
 # The curve: one row per iteration. term_*: each encoder's normalised matching term;
@@ -107,9 +115,11 @@ class Distiller:
         self.experts = [Trajectory(p) for p in expert_paths]
         check_experts_data(self.experts, data_dir, embeddings_path)
         for t in self.experts:
+            check_expert_model(t, model_cfg)
             for group in ("image", "text"):
                 t.check_layout(group, self.layouts[group])
             _check_schedule(cfg, t.n_epochs, t.path)
+            _check_rows(t, int(cfg["max_start_epoch"]) - 1 + int(cfg["expert_epochs"]))
         tower = self.model.tower
         self.mean, self.std = tower.mean, tower.std
         ids = random_pairs(prepared, self.budget, seed, where="distill budget")
@@ -148,7 +158,8 @@ class Distiller:
         self.select = str(cfg.get("select", "last"))
         self.window = int(cfg.get("select_window") or max(1, int(cfg["iterations"]) // 10))
         self.best = None
-        self.saved = False      # a checkpoint of this run exists
+        self.saved = False      # a checkpoint of this run was written or read
+        self.checkpoint_path = Path(".")
         self.iteration = 0
         self.curve = []
 
@@ -200,7 +211,8 @@ class Distiller:
                     f"distillation diverged at iteration {self.iteration}: matching loss "
                     f"{loss}, lr_image {float(self.lr_img):.4g}, lr_text "
                     f"{float(self.lr_txt):.4g}. Lower distill.lr_image / lr_text / lr_lr, or "
-                    "syn_steps." + (" The last checkpoint is kept." if self.saved else ""))
+                    "syn_steps." + (" The last checkpoint is kept." if self.saved
+                                    and self.checkpoint_path.exists() else ""))
             value += loss / n
             for k, v in t.items():
                 terms[k] = terms.get(k, 0.0) + v / n
@@ -256,17 +268,18 @@ class Distiller:
             "lrs": np.array([float(p.detach()) for p in self.lr_params]),
             "iteration": self.iteration, "order": self.order, "curve": self.curve,
             "rng": self.rng.bit_generator.state, "gen": self.gen.get_state().numpy(),
-            "torch_rng": torch.get_rng_state().numpy(),
+            "torch_rng": torch.get_rng_state().numpy(), "cuda_rng": cuda_rng_state(self.dev),
             "opt": [o.state_dict() for o in (self.opt_img, self.opt_txt, self.opt_lr)],
         }
 
     def save_checkpoint(self, path, key):
         s = self._state()
-        self.saved = True
+        self.saved, self.checkpoint_path = True, Path(path)
         with h5_writer(path, {"schema": "vldd/checkpoint", "key": key,
                               "iteration": s["iteration"]}) as f:
-            for name in ("images", "texts", "lrs", "gen", "torch_rng"):
-                h5_dataset(f, name, s[name])
+            for name in ("images", "texts", "lrs", "gen", "torch_rng", "cuda_rng"):
+                if s[name] is not None:   # cuda_rng: only on a GPU
+                    h5_dataset(f, name, s[name])
             for i, st in enumerate(s["opt"]):
                 # keyed by the parameter's index in its optimiser: a parameter without a
                 # gradient so far (the image lr of heads-only) has no state
@@ -302,6 +315,8 @@ class Distiller:
                     p.fill_(float(v))
             self.gen.set_state(torch.as_tensor(f["gen"][()]))
             torch.set_rng_state(torch.as_tensor(f["torch_rng"][()]))
+            if "cuda_rng" in f:
+                set_cuda_rng_state(f["cuda_rng"][()], self.dev)
             meta = json.loads(f.attrs["meta"])
             self.order = list(meta["order"])
             self.curve = [tuple(c) for c in meta["curve"]]
@@ -318,12 +333,22 @@ class Distiller:
                         if name in f:
                             value = torch.as_tensor(f[name][()])
                             opt.state[p][key] = value if key == "step" else value.to(self.dev)
-        self.saved = True
+        self.saved, self.checkpoint_path = True, path
         log.info("resumed from %s at iteration %d", path, self.iteration)
         return True
 
     def pairset(self):
         images, texts, lrs, iteration = self.chosen()
+        bad = [f"{name} {lr:.4g}" for name, lr in zip(("lr_image", "lr_text"), lrs)
+               if not (math.isfinite(lr) and lr > 0)]
+        if bad:   # only with lr_min null: evaluate would train by gradient ascent
+            raise VlddError(
+                f"the learned lrs went to zero or below ({', '.join(bad)}), so the pair set "
+                "would train by gradient ascent. Set distill.lr_min (e.g. 0.01) or "
+                "lr_space: log, or lower distill.lr_lr.")
+        if not (np.isfinite(images).all() and np.isfinite(texts).all()):
+            raise VlddError("the distilled images or texts hold NaN or inf: lower "
+                            "distill.lr_image / lr_text.")
         if self.select == "best":
             log.info("saving the data of iteration %d (select best: mean matching loss %.4f "
                      "over its window of %d iterations)", iteration,
@@ -370,7 +395,8 @@ def distill(data_dir, embeddings_path, expert_paths, model_cfg, cfg, budget, out
             d.save_checkpoint(checkpoint, key)
     prov = provenance("pairset", section, seed=int(cfg.get("seed", 0)),
                       image_encoder=model_cfg["image_encoder"],
-                      text_encoder=model_cfg["text_encoder"])
+                      text_encoder=model_cfg["text_encoder"],
+                      data_sha256=config_hash(data_fingerprint(data_dir, embeddings_path)))
     write_pairset(out_pairs, d.pairset(), prov)
     write_parquet(d.curve_frame(), out_curve, meta=prov)
     for t in d.experts:

@@ -27,7 +27,11 @@ def embed_captions(data_dir, text_cfg: dict, out_path, device="auto", batch_size
     captions_path = Path(data_dir) / "captions.parquet"
     if not captions_path.exists():
         raise VlddError(f"{captions_path}: not found. Run prepare_dataset first.")
-    captions = pd.read_parquet(captions_path)
+    try:
+        captions = pd.read_parquet(captions_path, columns=["caption"])
+    except Exception as exc:  # noqa: BLE001  (pyarrow raises several types)
+        raise VlddError(f"{captions_path}: not a readable captions table ({exc}). Delete the "
+                        "data folder and rerun prepare_dataset.") from exc
     quiet_library_bars()
     tower = build_text_encoder(text_cfg)
     dev = resolve_device(device)

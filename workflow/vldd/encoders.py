@@ -371,6 +371,17 @@ def _timm_kwargs(spec: dict) -> dict:
     return kwargs
 
 
+def _create_model(timm, name: str, kwargs: dict, **fixed):
+    """timm.create_model, with a misspelt or unsupported model.image_encoder.kwargs key
+    reported as one error instead of a TypeError deep inside timm."""
+    try:
+        return timm.create_model(name, **fixed, **kwargs)
+    except TypeError as exc:
+        raise VlddError(f"model.image_encoder.kwargs {kwargs} do not fit timm '{name}' ({exc}). "
+                        "Fix or remove the key (timm's documentation of the model lists "
+                        "its arguments).") from exc
+
+
 def build_image_encoder(spec: dict, seed: int = 0) -> ImageTower:
     """A timm model by name with its pooled features (num_classes=0: the pooled feature of
     size num_features, never classifier logits), a weight source and a trainable part.
@@ -393,7 +404,7 @@ def build_image_encoder(spec: dict, seed: int = 0) -> ImageTower:
                             f"model.image_encoder.name is '{name}': set name to {arch}.")
         path = Path(getattr(_import_package(arg, module_name), cls_name).get_model_file_path())
         state = _load_state_dict_file(path)
-        model = timm.create_model(name, pretrained=False, **kwargs)
+        model = _create_model(timm, name, kwargs, pretrained=False)
         # The package's tensors map one to one, in order, onto timm's (different key names).
         targets = model.state_dict()
         if len(state) != len(targets) or any(
@@ -402,7 +413,7 @@ def build_image_encoder(spec: dict, seed: int = 0) -> ImageTower:
         model.load_state_dict(dict(zip(targets.keys(), state.values())), strict=True)
         model.reset_classifier(0)
     elif kind == "file":
-        model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+        model = _create_model(timm, name, kwargs, pretrained=False, num_classes=0)
         state = _load_state_dict_file(Path(arg))
         state = {k: v for k, v in state.items() if not k.startswith(("classifier.", "head.fc.", "fc."))}
         if hasattr(model, "patch_embed"):   # a ViT's classifier is `head.`

@@ -15,10 +15,10 @@ import torch
 from .data import load_prepared
 from .embed import load_embeddings
 from .errors import VlddError
-from .experts import METRIC_ORDER, RealData, train_on_real
-from .io import provenance, write_parquet
+from .experts import METRIC_ORDER, RealData, data_fingerprint, train_on_real
+from .io import config_hash, provenance, write_parquet
 from .model import build_model, logit_scale, resolve_device, trunk_features
-from .pairset import read_pairset
+from .pairset import check_pairset, read_pairset
 from .train import train_contrastive
 
 log = logging.getLogger(__name__)
@@ -48,11 +48,19 @@ def r_mean(metrics: dict) -> float:
     return float(np.mean([metrics[k] for k in METRIC_ORDER]))
 
 
-def eval_lrs(ps, eval_cfg):
+def eval_lrs(ps, eval_cfg, path="pair set"):
     """The lrs to train on a pair set: learned ones when the set has them (and config wants
-    them), else the configured default. The seed code used the image lr for both encoders."""
+    them), else the configured default. The seed code used the image lr for both encoders.
+    Refuses learned lrs that are not finite and positive (a negative lr is gradient ascent)."""
     lr_img, lr_txt = float(eval_cfg["lr"]), float(eval_cfg["lr"])
-    if eval_cfg.get("use_learned_lr", True) and math.isfinite(ps.lr_image):
+    learned = eval_cfg.get("use_learned_lr", True) and (
+        ps.kind == "distilled" or not (math.isnan(ps.lr_image) and math.isnan(ps.lr_text)))
+    if learned and not all(math.isfinite(v) and v > 0 for v in (ps.lr_image, ps.lr_text)):
+        raise VlddError(f"{path}: learned lrs lr_image {ps.lr_image:.4g}, lr_text "
+                        f"{ps.lr_text:.4g} are not finite and positive (training on it would "
+                        "diverge or ascend the loss). Redistill with distill.lr_min > 0, or "
+                        "evaluate with evaluate.use_learned_lr: false.")
+    if learned:
         lr_img = ps.lr_image
         lr_txt = ps.lr_image if eval_cfg.get("quirk_image_lr_for_both", False) else ps.lr_text
     return lr_img, lr_txt
@@ -62,8 +70,14 @@ def evaluate(data_dir, embeddings_path, pairset_path, model_cfg, eval_cfg, seed,
              dataset="", device="auto"):
     dev = resolve_device(device)
     ps = read_pairset(pairset_path)
+    check_pairset(pairset_path, ps)
     prepared = load_prepared(data_dir)
     emb = load_embeddings(embeddings_path, data_dir, model_cfg["text_encoder"])
+    theirs = ps.attrs.get("data_sha256")
+    if theirs is not None and theirs != config_hash(data_fingerprint(data_dir, embeddings_path)):
+        raise VlddError(f"{pairset_path}: made from other data than {data_dir} with "
+                        f"{embeddings_path} (another dataset, caption set or text encoder). "
+                        "Evaluate it on the data it was made from, or remake it for this data.")
     if ps.texts.shape[1] != emb.shape[1]:
         raise VlddError(f"{pairset_path}: text embeddings of size {ps.texts.shape[1]}, but the "
                         f"text encoder gives {emb.shape[1]}. Evaluate with the encoder it was "
@@ -72,7 +86,7 @@ def evaluate(data_dir, embeddings_path, pairset_path, model_cfg, eval_cfg, seed,
     images = renormalise(ps.images, ps.mean, ps.std, model.tower.mean, model.tower.std)
     feats = trunk_features(model.tower, images, dev, normalized=True)
     texts = torch.as_tensor(ps.texts).to(dev)
-    lr_img, lr_txt = eval_lrs(ps, eval_cfg)
+    lr_img, lr_txt = eval_lrs(ps, eval_cfg, pairset_path)
     n = ps.budget
     test = RealData(prepared, emb, model, "test", dev)
     epochs = int(eval_cfg["epochs"])

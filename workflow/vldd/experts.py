@@ -13,7 +13,8 @@ from .data import load_prepared
 from .embed import load_embeddings
 from .errors import VlddError
 from .io import config_hash, h5_dataset, h5_writer, open_h5, provenance
-from .model import build_model, logit_scale, real_features, resolve_device, retrieval
+from .model import (build_model, cuda_rng_state, logit_scale, real_features, resolve_device,
+                    retrieval, set_cuda_rng_state)
 from .train import train_contrastive
 from . import trajectory
 
@@ -80,6 +81,9 @@ class EpochStore:
     def _path(self, epoch):
         return self.folder / f"epoch_{epoch:04d}.h5"
 
+    def _device(self):
+        return next(self.model.head.parameters()).device
+
     def finished(self) -> list:
         """Epochs 0..k with a readable file of this configuration (the longest such run)."""
         done = []
@@ -118,6 +122,8 @@ class EpochStore:
                         opt.state[p]["momentum_buffer"] = torch.as_tensor(f[name][()]).to(p.device)
             gen.set_state(torch.as_tensor(f["gen"][()]))
             torch.set_rng_state(torch.as_tensor(f["torch_rng"][()]))
+            if "cuda_rng" in f:
+                set_cuda_rng_state(f["cuda_rng"][()], self._device())
         log.info("resuming from epoch %d (%s)", last, self.folder)
         return last
 
@@ -137,6 +143,9 @@ class EpochStore:
             h5_dataset(f, "val", val)
             h5_dataset(f, "gen", gen.get_state().numpy())
             h5_dataset(f, "torch_rng", torch.get_rng_state().numpy())
+            cuda = cuda_rng_state(self._device())
+            if cuda is not None:
+                h5_dataset(f, "cuda_rng", cuda)
             for g, pg in enumerate(opt.param_groups):
                 for j, p in enumerate(pg["params"]):
                     buf = opt.state.get(p, {}).get("momentum_buffer")

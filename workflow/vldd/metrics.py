@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import VlddError
+
 KS = (1, 5, 10)
 
 
@@ -20,6 +22,10 @@ def retrieval_ranks(scores: np.ndarray, txt2img: np.ndarray):
     """
     scores = np.asarray(scores, dtype=np.float64)
     txt2img = np.asarray(txt2img, dtype=np.int64)
+    if not np.isfinite(scores).all():   # NaN compares false: it would rank first
+        raise VlddError(f"retrieval scores hold {int((~np.isfinite(scores)).sum())} NaN/inf "
+                        f"values of {scores.size}: the model's features are not finite (its "
+                        "training diverged). Lower the learning rates of this stage.")
     n_img, n_txt = scores.shape
     if txt2img.shape != (n_txt,):
         raise ValueError(f"txt2img has shape {txt2img.shape}, expected ({n_txt},)")

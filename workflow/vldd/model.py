@@ -19,6 +19,22 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def cuda_rng_state(device):
+    """The CUDA generator state of `device` as numpy (dropout on a GPU draws from it, not
+    from the CPU generator), or None on other devices."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_rng_state(device).numpy()
+
+
+def set_cuda_rng_state(state, device) -> None:
+    """Restore a state from cuda_rng_state (nothing when there is none or no CUDA)."""
+    device = torch.device(device)
+    if state is not None and device.type == "cuda" and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.as_tensor(state, dtype=torch.uint8), device)
+
+
 def logit_scale(model_cfg: dict, inner_loop: bool = False) -> float:
     """1/T; the seed code's inner loop used log(1/T) instead (a switch, off by default)."""
     scale = 1.0 / model_cfg.get("temperature", 0.07)

@@ -69,6 +69,20 @@ def read_pairset(path) -> PairSet:
                 lr_image=float(a["lr_image"]), lr_text=float(a["lr_text"]),
                 init_images=None if init is None else init["images"][()],
                 init_texts=None if init is None else init["texts"][()], attrs=a)
-        except (KeyError, OSError) as exc:
+        except (KeyError, OSError, ValueError, TypeError) as exc:
             raise VlddError(f"{path}: damaged pair set ({exc}). Delete it and rerun the stage "
                             "that made it (distill or select_coreset).") from exc
+
+
+def check_pairset(path, ps: PairSet) -> None:
+    """Refuse a pair set whose arrays do not fit together or hold NaN/inf."""
+    n = len(ps.images)
+    fix = "Delete it and rerun the stage that made it (distill or select_coreset)."
+    if ps.images.ndim != 4 or ps.images.shape[1] != 3 or ps.texts.ndim != 2 \
+            or len(ps.texts) != n or len(ps.caption_ids) != n:
+        raise VlddError(f"{path}: images {ps.images.shape}, texts {ps.texts.shape} and "
+                        f"caption_ids {ps.caption_ids.shape} do not make {n} pairs. {fix}")
+    for name, arr in (("images", ps.images), ("texts", ps.texts)):
+        if not np.isfinite(arr).all():
+            raise VlddError(f"{path}: {name} hold NaN or inf ({int((~np.isfinite(arr)).sum())} "
+                            f"values): this pair set cannot be trained on. {fix}")

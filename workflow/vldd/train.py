@@ -51,6 +51,11 @@ def train_contrastive(model: DualEncoder, img_feats, texts, pair_img, pair_txt, 
     opt = torch.optim.SGD(groups, momentum=momentum, weight_decay=weight_decay)
     n = len(pair_img)
     pair_img = torch.as_tensor(pair_img)
+    if len(torch.unique(pair_img)) < 2 or batch_size < 2:
+        from .errors import VlddError
+        raise VlddError(f"too few training pairs ({len(torch.unique(pair_img))} image(s), batch "
+                        f"size {batch_size}): the contrastive loss needs at least 2 images per "
+                        "batch. Give the stage more training data (or a budget >= 2).")
     first = 1 if checkpoint is None else checkpoint.restore(opt, gen) + 1
     bar = Progress(epochs, progress, unit="epoch", start=first - 1, log=log) if progress else None
     for epoch in range(first, epochs + 1):

@@ -181,10 +181,22 @@ class Trajectory:
             if self.offsets:
                 base = decode(self.file[group]["base"][()], self.dtype)
                 out = [base + row for row in out]
+            for epoch, row in zip(epochs, out):
+                self._check_values(group, epoch, row)
             return out
         except OSError as exc:
             raise VlddError(f"{self.path}: cannot read epochs {list(epochs)} of {group} ({exc}). "
                             "The file is truncated: delete it and rerun train_expert.") from exc
+
+    # No trained parameter comes near this; a flipped exponent bit (bf16/fp16) gives 1e30+.
+    MAX_ABS = 1e6
+
+    def _check_values(self, group, epoch, row):
+        if row.numel() and not (torch.isfinite(row).all() and row.abs().max() <= self.MAX_ABS):
+            raise VlddError(
+                f"{self.path}: corrupt expert file: epoch {epoch} of the {group} parameters "
+                f"holds NaN, inf or values above {self.MAX_ABS:g} (damaged bits; training "
+                "itself never stores these). Delete the file and rerun train_expert.")
 
     def check_layout(self, group: str, layout: ParamLayout):
         mine = self.layouts[group]
