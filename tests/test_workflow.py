@@ -391,6 +391,11 @@ def test_tables_include_adds_other_runs_to_the_ablation_tables(tiny_run):
                     check=False)
     assert bad.returncode != 0
     assert "tables.include: 'results/nope/*.parquet' matches no file" in bad.stdout + bad.stderr
+    cyclic = snakemake(tiny_run, "-n", "--config", "tables={include: ['results/**/*.parquet']}",
+                       check=False)
+    assert cyclic.returncode != 0
+    assert "a table this workflow writes" in cyclic.stdout + cyclic.stderr
+    assert (tiny_run / "results/tables/retrieval.parquet").is_file()
 
 
 @pytest.mark.parametrize("paper", ["flickr30k", "coco"])

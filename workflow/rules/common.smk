@@ -292,6 +292,13 @@ def included_eval_files():
                 f"tables.include: '{pattern}' matches {bad[0]}, which is not "
                 "an evaluation Parquet file (results/<dataset>/eval/...)."
             )
+        tables = [f for f in found if Path(f).resolve().parent == Path("results/tables").resolve()]
+        if tables:
+            raise WorkflowError(
+                f"tables.include: '{pattern}' matches {tables[0]}, a table this workflow writes "
+                "from the evaluations (a cycle that would delete it): narrow the pattern to "
+                "other runs' eval folders, e.g. 'results/<dataset>/eval/<other model>/**/*.parquet'."
+            )
         out += [f for f in found if f not in own and f not in out]
     return out
 
