@@ -56,7 +56,7 @@ def test_summarize_and_figures_run_where_torch_cannot_be_imported(store, tmp_pat
         for seed in (0, 1):
             path = tmp_path / f"{method}_{seed}.parquet"
             write_parquet(_frame({m: 10.0 + seed for m in METRIC_ORDER}, "t", method, 6, seed,
-                                 "evaluate", "m"), path)
+                                 "evaluate", "m"), path, meta={"schema": "vldd/eval"})
             evals.append(str(path))
     d = tmp_path
     out = run_without_torch(tmp_path, "summarize", "--inputs", *evals, "--out-parquet",
