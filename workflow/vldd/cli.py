@@ -228,6 +228,18 @@ def build_parser():
     return p
 
 
+def _quiet_h5_dealloc(default):
+    """h5py's Cython deallocators print their failures through sys.excepthook (a traceback
+    per object of a file whose write failed, e.g. on a full disk): log those at debug level;
+    everything else goes to the default hook."""
+    def hook(kind, value, tb):
+        if isinstance(value, RuntimeError) and "decrement id ref count" in str(value):
+            logging.getLogger("vldd").debug("h5py dealloc: %s", value)
+            return
+        default(kind, value, tb)
+    return hook
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -237,6 +249,7 @@ def main(argv=None):
     # "Exception ignored" tracebacks; the failure itself is reported once, below.
     sys.unraisablehook = lambda u: logging.getLogger("vldd").debug(
         "ignored in %r: %s", u.object, u.exc_value)
+    sys.excepthook = _quiet_h5_dealloc(sys.excepthook)
     try:
         cfg = _json(args.config_json)
         _check_outputs(args)
