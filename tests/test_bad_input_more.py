@@ -168,6 +168,15 @@ def _merge(a, b):
     return out
 
 
+def dry_run(tmp_path, cfg):
+    """`snakemake -n` of the workflow on config `cfg`, run in tmp_path."""
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    return subprocess.run([sys.executable, "-m", "snakemake", "--snakefile",
+                           str(REPO / "Snakefile"), "--configfile", str(tmp_path / "c.yaml"),
+                           "-n", "--cores", "1"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+
+
 @pytest.mark.parametrize("group", [[c for c in SCHEMA_CASES if c != "newline"], ["newline"]],
                          ids=["all-but-newline", "newline"])
 def test_schema_refuses_through_snakemake(tmp_path, group):
@@ -176,11 +185,7 @@ def test_schema_refuses_through_snakemake(tmp_path, group):
     cfg = yaml.safe_load((REPO / "tests" / "configs" / "tiny.yaml").read_text())
     for case in group:
         cfg = _merge(cfg, SCHEMA_CASES[case][0])
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    out = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile",
-                          str(REPO / "Snakefile"), "--configfile", str(tmp_path / "c.yaml"),
-                          "-n", "--cores", "1"], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=300)
+    out = dry_run(tmp_path, cfg)
     assert out.returncode != 0
     for case in group:
         assert SCHEMA_CASES[case][1] in out.stdout + out.stderr, case
@@ -192,11 +197,7 @@ def test_nan_in_a_distill_variant_is_refused(tmp_path):
     stand alone (no $ref), and NaN must fail it."""
     cfg = _merge(yaml.safe_load((REPO / "tests" / "configs" / "tiny.yaml").read_text()),
                  {"distill": {"variants": {"fast": {"lr_image": 0.5, "lr_min": float("nan")}}}})
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    out = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile",
-                          str(REPO / "Snakefile"), "--configfile", str(tmp_path / "c.yaml"),
-                          "-n", "--cores", "1"], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=300)
+    out = dry_run(tmp_path, cfg)
     assert out.returncode != 0
     assert "distill.variants.fast.lr_min: nan" in out.stdout + out.stderr
     assert "Traceback" not in out.stdout + out.stderr
@@ -239,23 +240,6 @@ def test_summarize_refuses_a_parquet_that_is_not_an_evaluation(store, tmp_path):
                "--out-md", tmp_path / "t" / "r.md", config={})
     assert_refused(out, "curve.parquet", "not an evaluation table", "tables.include")
     assert no_outputs(tmp_path / "t")
-
-
-def test_include_pattern_matching_the_workflows_own_tables_is_refused(store, coreset, tmp_path):
-    """check_include, for the rule that expands tables.include: its own tables are a cycle,
-    its own evaluations are skipped, other runs' evaluations are taken."""
-    from vldd.checks import check_include
-    from vldd.errors import VlddError
-
-    other = tmp_path / "other" / "seed0.parquet"
-    assert evaluate(store, coreset, other).returncode == 0
-    mine, table = tmp_path / "mine.parquet", tmp_path / "tables" / "results.parquet"
-    shutil.copy(other, mine)
-    with pytest.raises(VlddError, match="a cycle"):
-        check_include("**/*.parquet", [other, mine, table], [mine], [table])
-    assert check_include("**/*.parquet", [other, mine], [mine], [table]) == [str(other)]
-    with pytest.raises(VlddError, match="not a readable Parquet file"):
-        check_include("*.h5", [coreset], [], [])
 
 
 # ------------------------------------------------------------------ 6. image modes

@@ -119,24 +119,3 @@ def check_eval_table(path) -> None:
             f"it holds {meta.get('schema') or 'no vldd schema'}"
         raise VlddError(f"{path}: not an evaluation table ({what}); tables.include takes the "
                         "eval/**/seed*.parquet files of other runs only: narrow the pattern.")
-
-
-def check_include(pattern: str, matches, own_evals=(), own_tables=()) -> list:
-    """The files a tables.include pattern matched that summarize should add: refuses the
-    tables this workflow writes (summarize's own outputs: a cyclic graph that would delete
-    them) and files that are not evaluation tables; skips this run's own evaluation files
-    (they are inputs anyway). Called where the workflow expands the patterns."""
-    tables = {os.path.normpath(str(p)) for p in own_tables}
-    evals = {os.path.normpath(str(p)) for p in own_evals}
-    out = []
-    for m in sorted(map(str, matches)):
-        if os.path.normpath(m) in tables:
-            raise VlddError(f"config tables.include pattern {pattern!r} matches {m}, a table "
-                            "this workflow writes from the evaluations (a cycle): narrow it to "
-                            "other runs' eval folders, e.g. 'results/<dataset>/eval/<other "
-                            "model>/**/*.parquet'.")
-        if os.path.normpath(m) in evals:
-            continue
-        check_eval_table(m)
-        out.append(m)
-    return out
