@@ -240,6 +240,12 @@ def test_summarize_refuses_a_parquet_that_is_not_an_evaluation(store, tmp_path):
                "--out-md", tmp_path / "t" / "r.md", config={})
     assert_refused(out, "curve.parquet", "not an evaluation table", "tables.include")
     assert no_outputs(tmp_path / "t")
+    pairs = tmp_path / "pairs.parquet"
+    pairs.write_bytes(b"\x89HDF\r\n\x1a\n not a Parquet file")
+    out = vldd("summarize", "--inputs", pairs, "--out-parquet", tmp_path / "t" / "r.parquet",
+               "--out-md", tmp_path / "t" / "r.md", config={})
+    assert_refused(out, "pairs.parquet", "not a readable Parquet file")
+    assert no_outputs(tmp_path / "t")
 
 
 # ------------------------------------------------------------------ 6. image modes
