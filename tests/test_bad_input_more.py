@@ -248,6 +248,26 @@ def test_summarize_refuses_a_parquet_that_is_not_an_evaluation(store, tmp_path):
     assert no_outputs(tmp_path / "t")
 
 
+def test_summarize_refuses_an_evaluation_read_twice(tiny_run, tmp_path):
+    """An included earlier run that repeats one of this run's evaluations (or the same run
+    included twice) would count that evaluation twice in the mean and the std."""
+    evals = sorted((tiny_run / "results").glob("*/eval/**/seed*.parquet"))
+    assert len(evals) >= 4
+    again = tmp_path / "earlier" / "seed0.parquet"
+    again.parent.mkdir()
+    shutil.copy(evals[0], again)
+    out_dir = tmp_path / "t"
+    args = ("--out-parquet", out_dir / "r.parquet", "--out-md", out_dir / "r.md")
+    out = vldd("summarize", "--inputs", *evals, again, *args, config={})
+    assert_refused(out, str(evals[0]), str(again), "is in 2 files", "tables.include")
+    assert no_outputs(out_dir)
+    # each evaluation once: the table holds every seed of every method, counted once
+    out = vldd("summarize", "--inputs", *evals, *args, config={})
+    assert out.returncode == 0, out.stderr[-3000:]
+    table = pd.read_parquet(out_dir / "r.parquet")
+    assert len(table) == sum(len(pd.read_parquet(p)) for p in evals)
+
+
 # ------------------------------------------------------------------ 6. image modes
 
 def _one_image_dataset(tmp_path, image: Image.Image, ext="png"):

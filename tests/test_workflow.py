@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +149,54 @@ def test_report_rules_run_in_a_venv_built_from_envs_report_yaml(tiny_run, tmp_pa
     assert ran == {"summarize", "figure_distilled", "figure_recall", "all"}, ran
     assert table.stat().st_mtime_ns > before
     assert set(pd.read_parquet(table)["method"]) == {"distilled-mtt", "coreset-random", "full"}
+
+
+def test_compute_rules_run_in_a_venv_built_from_envs_vldd_yaml(tmp_path_factory):
+    """The whole tiny workflow, every job run with `python` from a fresh venv that holds only
+    the packages of envs/vldd.yaml (no vldd, no snakemake, no pytest), as `--sdm conda` runs
+    them. A sitecustomize in that venv records each interpreter start, so the test knows
+    which python ran each `python -m vldd` stage rather than assuming it."""
+    from test_envs import venv_from_env
+
+    python = venv_from_env(REPO / "envs" / "vldd.yaml", tmp_path_factory.mktemp("vldd-env"))
+    for absent in ("vldd", "snakemake", "pytest"):
+        found = subprocess.run([str(python), "-c", f"import {absent}"], capture_output=True)
+        assert found.returncode, f"{absent} is importable in the envs/vldd.yaml venv"
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    (Path(purelib) / "sitecustomize.py").write_text(
+        "import os, sys\n"
+        "_m = os.environ.get('VLDD_ENV_MARKER')\n"
+        "if _m:\n"
+        "    with open(_m, 'a') as f:\n"
+        "        f.write(repr((sys.executable, sys.orig_argv)) + '\\n')\n")
+    work = tmp_path_factory.mktemp("vldd-env-run")
+    marker = work / "interpreters.txt"
+    env = dict(os.environ, VLDD_ENV_MARKER=str(marker),
+               PATH=str(python.parent) + os.pathsep + os.environ.get("PATH", ""))
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
+           "--configfile", str(TINY), "--cores", "2", "--resources", "gpu=2"]
+    out = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    stages = []
+    for line in marker.read_text().splitlines():
+        executable, argv = eval(line)  # written by the sitecustomize above: a tuple literal
+        assert Path(executable).parent == python.parent, executable
+        if argv[1:3] == ["-m", "vldd"]:
+            stages.append(next(a for a in argv[3:] if not a.startswith("-") and not a.isdigit()))
+    # every job of every rule ran its `python -m vldd` stage with the env's interpreter
+    command = {"prepare_dataset": "prepare-dataset", "embed_captions": "embed-captions",
+               "train_expert": "train-expert", "distill": "distill",
+               "select_coreset": "select-coreset", "evaluate": "evaluate",
+               "train_full": "train-full", "summarize": "summarize",
+               "figure_distilled": "figures", "figure_recall": "figures"}
+    expected = Counter()
+    for rule, n in job_counts(out.stdout + out.stderr).items():
+        if rule != "all":
+            expected[command[rule]] += n
+    assert Counter(stages) == expected, (stages, expected)
+    table = pd.read_parquet(work / "results/tables/retrieval.parquet")
+    assert set(table["method"]) == {"distilled-mtt", "coreset-random", "full"}
 
 
 def test_finished_run_has_nothing_left_to_do(tiny_run):

@@ -111,6 +111,23 @@ def ablation_lines(long: pd.DataFrame, main_method: str = "mtt") -> list:
     return lines
 
 
+def _refuse_repeated_evaluations(long: pd.DataFrame) -> None:
+    """One evaluation (dataset, model, method, budget, seed) read from two files would count
+    twice in the mean and the std: the same run included twice, or an included file that
+    repeats one of this run's evaluations."""
+    key = ["dataset", "model", "method", "budget", "seed", "metric"]
+    sources = long.groupby(key, dropna=False)["_source"].unique()
+    repeated = sources[sources.map(len) > 1]
+    if len(repeated):
+        (dataset, model, method, budget, seed, *_), files = repeated.index[0], repeated.iloc[0]
+        raise VlddError(
+            f"the evaluation of {method} at {budget} pairs, seed {seed} ({dataset}"
+            f"{' / ' + model if model else ''}) is in {len(files)} files: "
+            f"{', '.join(sorted(files))}. A table counts each evaluation once: narrow "
+            "tables.include so that it matches each earlier run once and none of this run's "
+            "files.")
+
+
 def summarize(eval_paths, out_parquet, out_md, out_ablations=None, main_method="mtt"):
     frames = []
     for p in eval_paths:
@@ -120,11 +137,14 @@ def summarize(eval_paths, out_parquet, out_md, out_ablations=None, main_method="
             raise VlddError(f"{p}: unreadable evaluation table ({exc}); delete it and rerun "
                             "evaluate.") from exc
         frame["encoders"] = _encoders(p)
+        frame["_source"] = str(p)
         frames.append(frame)
     if not frames:
         raise VlddError("summarize got no evaluation tables.")
     long = pd.concat(frames, ignore_index=True)
     long["model"] = long["model"].fillna("") if "model" in long else ""
+    _refuse_repeated_evaluations(long)
+    long = long.drop(columns="_source")
     long = long.sort_values(["dataset", "model", "method", "budget", "seed", "direction", "k"],
                             kind="stable").reset_index(drop=True)
     write_parquet(long, out_parquet, meta=provenance("table", {"inputs": sorted(map(str, eval_paths))}))
