@@ -4,8 +4,9 @@ Conda itself is not available here. What is checked instead: every package an en
 read as its pip name, is installed in the venv the tests run in at a version the pin admits
 (so the pins are the tested versions); the pins lie inside pyproject's ranges; the env's pip
 section needs nothing that conda does not already pin (pip would otherwise install or
-replace packages under conda's feet). tests/test_workflow.py also builds envs/report.yaml as
-a venv (`venv_from_env`) and runs the report rules in it, where torch is absent.
+replace packages under conda's feet). tests/test_workflow.py also builds each env file as a
+venv (`venv_from_env`) and runs the rules that use it there: the whole tiny workflow in the
+envs/vldd.yaml venv, the report rules in the envs/report.yaml one, where torch is absent.
 """
 from __future__ import annotations
 
