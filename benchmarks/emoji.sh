@@ -41,6 +41,7 @@ $budgets
     imageonly: {learn_texts: false}
 YAML
 start=$(date +%s)
+load_start=$(cut -d' ' -f1 /proc/loadavg 2>/dev/null || echo "?")
 for path in $NUMERICS; do
     mkdir -p "$WORK/$path"
     env=()
@@ -54,6 +55,7 @@ secs=$(( $(date +%s) - start ))
 command="benchmarks/emoji.sh DATA_DIR"
 [ "$NUMERICS" != "native default" ] && command="NUMERICS=\"$NUMERICS\" $command"
 [ -n "${BUDGETS:-}" ] && command="BUDGETS=\"$BUDGETS\" $command"
-python benchmarks/emoji_report.py "$WORK" "$secs" "$(git rev-parse --short HEAD)" "$command" \
+LOADS="$load_start at the start, $(cut -d' ' -f1 /proc/loadavg 2>/dev/null || echo "?") at the end, on $(nproc) cores" \
+    python benchmarks/emoji_report.py "$WORK" "$secs" "$(git rev-parse --short HEAD)" "$command" \
     $NUMERICS > "$OUT"
 cat "$OUT"

@@ -86,7 +86,8 @@ def main(argv: list[str]) -> None:
         + ", ".join(f"`{p}`" for p in paths) + " (`default`: ATEN_CPU_CAPABILITY=default).",
         f"Run {pd.Timestamp.now('UTC'):%Y-%m-%d} on {os.cpu_count()} CPU cores ({cpu_model()}; native "
         f"kernels {torch.backends.cpu.get_cpu_capability()}), no GPU, git {commit}: "
-        f"{secs // 60} min {secs % 60} s wall for the whole command, while other work shared the cores.",
+        f"{secs // 60} min {secs % 60} s wall for the whole command"
+        + (f" (1-minute load average {os.environ['LOADS']})." if os.environ.get("LOADS") else "."),
         "",
         "Recall in percent; each distilled set's figure is the mean over its 3 evaluation seeds.",
         "`wins`: seeds whose set beats every coreset on TR@1 and IR@1. `% of full`: the seeds' mean",
