@@ -105,8 +105,8 @@ def student_fit(distiller, pixels, texts, lr_img, lr_txt, syn_steps, expert_epoc
             for _ in range(syn_steps):
                 loss = step_loss(model, layouts, th["image"], th["text"], feats, texts, scale)
                 grads = torch.autograd.grad(loss, [th["image"], th["text"]], allow_unused=True)
-                th = {g: (th[g] - lr * (gr if gr is not None else 0.0)).detach().requires_grad_(True)
-                      for g, lr, gr in zip(GROUPS, (lr_img, lr_txt), grads)}
+                th = {g: (th[g] - lr * (0.0 if gr is None else gr)).detach()
+                      .requires_grad_(True) for g, lr, gr in zip(GROUPS, (lr_img, lr_txt), grads)}
             for g in GROUPS:
                 moved, wanted = th[g].detach() - start[g], target[g] - start[g]
                 den = float(wanted.pow(2).sum())
@@ -175,7 +175,8 @@ def main(argv=None):
             float(ps.lr_image), float(ps.lr_text), steps, R, starts),
     }
     print(f"\n## 2. The student over all {len(experts) * len(starts)} targets\n")
-    print("| data | group | term | cosine | term at the best scale | at the best scale per tensor |")
+    print("| data | group | term | cosine | term at the best scale "
+          "| at the best scale per tensor |")
     print("|---|---|---|---|---|---|")
     for name, fit in fits.items():
         for g in GROUPS:

@@ -2,6 +2,7 @@
 single-stage reruns, and a Karpathy-format dataset run with no code change."""
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -162,8 +163,9 @@ def test_compute_rules_run_in_a_venv_built_from_envs_vldd_yaml(tmp_path_factory)
     for absent in ("vldd", "snakemake", "pytest"):
         found = subprocess.run([str(python), "-c", f"import {absent}"], capture_output=True)
         assert found.returncode, f"{absent} is importable in the envs/vldd.yaml venv"
-    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             capture_output=True, text=True, check=True).stdout.strip()
+    where = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    purelib = subprocess.run([str(python), "-c", where], capture_output=True, text=True,
+                             check=True).stdout.strip()
     (Path(purelib) / "sitecustomize.py").write_text(
         "import os, sys\n"
         "_m = os.environ.get('VLDD_ENV_MARKER')\n"
@@ -180,7 +182,7 @@ def test_compute_rules_run_in_a_venv_built_from_envs_vldd_yaml(tmp_path_factory)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     stages = []
     for line in marker.read_text().splitlines():
-        executable, argv = eval(line)  # written by the sitecustomize above: a tuple literal
+        executable, argv = ast.literal_eval(line)  # a tuple written by the sitecustomize above
         assert Path(executable).parent == python.parent, executable
         if argv[1:3] == ["-m", "vldd"]:
             stages.append(next(a for a in argv[3:] if not a.startswith("-") and not a.isdigit()))
