@@ -6,6 +6,7 @@ import ast
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -152,14 +153,29 @@ def test_report_rules_run_in_a_venv_built_from_envs_report_yaml(tiny_run, tmp_pa
     assert set(pd.read_parquet(table)["method"]) == {"distilled-mtt", "coreset-random", "full"}
 
 
-def test_compute_rules_run_in_a_venv_built_from_envs_vldd_yaml(tmp_path_factory):
+@pytest.fixture
+def vldd_env_python(tmp_path_factory):
+    """The python of a venv built from envs/vldd.yaml; the venv (about 6.4 GB: torch comes
+    with its CUDA libraries) is removed after the test, pass or fail."""
+    from test_envs import venv_from_env
+
+    dest = tmp_path_factory.mktemp("vldd-env")
+    free = shutil.disk_usage(dest).free / 2**30
+    if free < 9:
+        pytest.skip(f"the envs/vldd.yaml venv needs about 7 GB of disk (torch with its CUDA "
+                    f"libraries) and {dest} has {free:.1f} GB free")
+    try:
+        yield venv_from_env(REPO / "envs" / "vldd.yaml", dest)
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)
+
+
+def test_compute_rules_run_in_a_venv_built_from_envs_vldd_yaml(vldd_env_python, tmp_path_factory):
     """The whole tiny workflow, every job run with `python` from a fresh venv that holds only
     the packages of envs/vldd.yaml (no vldd, no snakemake, no pytest), as `--sdm conda` runs
     them. A sitecustomize in that venv records each interpreter start, so the test knows
     which python ran each `python -m vldd` stage rather than assuming it."""
-    from test_envs import venv_from_env
-
-    python = venv_from_env(REPO / "envs" / "vldd.yaml", tmp_path_factory.mktemp("vldd-env"))
+    python = vldd_env_python
     for absent in ("vldd", "snakemake", "pytest"):
         found = subprocess.run([str(python), "-c", f"import {absent}"], capture_output=True)
         assert found.returncode, f"{absent} is importable in the envs/vldd.yaml venv"
