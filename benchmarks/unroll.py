@@ -104,8 +104,8 @@ def reference_meta_gradient(build_student, theta0, target, pixels, texts, lr_img
     global torch generator is restored after the build, so that the dropout masks are those
     the vldd engines draw and the gradients can be compared.
     """
-    from vldd.encoders import contrastive_loss
-    from vldd.engines import matching_loss
+    from vldd.losses import contrastive_loss
+    from vldd.losses import matching_loss
     from vldd.train import train_mode
 
     rng = torch.get_rng_state()

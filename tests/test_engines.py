@@ -14,7 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
-from vldd.encoders import ImageTower, TextHead, contrastive_loss
+from vldd.encoders import ImageTower, TextHead
+from vldd.losses import contrastive_loss
 from vldd.engines import ENGINES, EngineOptions, matching_loss, meta_gradient, step_loss
 from vldd.errors import VlddError
 from vldd.model import DualEncoder

@@ -1,4 +1,4 @@
-"""Tests for vldd.encoders.contrastive_loss (symmetric InfoNCE) and TextHead (its layer
+"""Tests for vldd.losses.contrastive_loss (symmetric InfoNCE) and TextHead (its layer
 structure and dropout placement), against hand computations."""
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vldd.encoders import TextHead, contrastive_loss
+from vldd.encoders import TextHead
+from vldd.losses import contrastive_loss
 
 
 def _hand_infonce(img, txt, scale):

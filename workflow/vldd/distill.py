@@ -28,7 +28,8 @@ from .coreset import check_expert_model, random_pairs, real_pairs
 from .data import load_prepared
 from .embed import load_embeddings
 from .engines import EngineOptions, apply_backend, check_engine, meta_gradient
-from .engines import matching_loss, unroll  # noqa: F401  (the exact engine's pieces)
+from .engines import unroll  # noqa: F401  (the exact engine)
+from .losses import matching_loss  # noqa: F401
 from .errors import VlddError
 from .experts import check_experts_data, data_fingerprint
 from .io import atomic_path, h5_dataset, h5_writer, open_h5, provenance, write_parquet, config_hash

@@ -592,15 +592,6 @@ class TextHead(nn.Module):
         return self.layer_norm(h + p)
 
 
-def contrastive_loss(img_feat, txt_feat, logit_scale):
-    """Symmetric InfoNCE on L2-normalised features; pair i of the batch matches i."""
-    img = F.normalize(img_feat, dim=-1)
-    txt = F.normalize(txt_feat, dim=-1)
-    logits = logit_scale * img @ txt.t()
-    target = torch.arange(len(logits), device=logits.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
-
-
 def to_model_input(images_uint8: np.ndarray | torch.Tensor, mean, std) -> torch.Tensor:
     """uint8 [n, H, W, 3] -> float32 [n, 3, H, W] in the encoder's normalised pixel space."""
     x = torch.as_tensor(images_uint8).permute(0, 3, 1, 2).float().div_(255.0)

@@ -56,11 +56,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from .encoders import contrastive_loss
+from .losses import GROUPS, contrastive_loss, matching_loss, matching_terms  # noqa: F401
 from .errors import VlddError
 
 ENGINES = ("exact", "checkpointed", "constant-memory", "heads-only")
-GROUPS = ("image", "text")
 
 
 @dataclass
@@ -262,30 +261,6 @@ def step_loss(model, layouts, th_i, th_t, feats_b, texts_b, scale):
     img_f = tail_call(model, layouts["image"], th_i, feats_b)
     txt_f = functional_call(model.head, layouts["text"].unflatten(th_t), (texts_b,))
     return contrastive_loss(img_f, txt_f, scale)
-
-
-def matching_terms(end: dict, start: dict, target: dict, groups=GROUPS) -> dict:
-    """Per encoder, |end - target|^2 / |start - target|^2 (empty encoders skipped)."""
-    terms = {}
-    for group in groups:
-        if end[group].numel() == 0:
-            continue
-        num = (end[group] - target[group]).pow(2).sum()
-        den = (start[group] - target[group]).pow(2).sum()
-        terms[group] = num / den
-    return terms
-
-
-def matching_loss(end: dict, start: dict, target: dict, groups=GROUPS, terms=None):
-    """Sum over encoders of |end - target|^2 / |start - target|^2 (empty encoders skipped).
-    `terms`, when a dict, receives each encoder's term (detached)."""
-    parts = matching_terms(end, start, target, groups)
-    if terms is not None:
-        terms.update({g: t.detach() for g, t in parts.items()})
-    total = 0.0
-    for t in parts.values():
-        total = total + t
-    return total
 
 
 def _rng_get(device):

@@ -6,7 +6,7 @@ import logging
 import numpy as np
 import torch
 
-from .encoders import contrastive_loss
+from .losses import contrastive_loss
 from .model import DualEncoder
 from .progress import Progress
 
