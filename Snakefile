@@ -15,12 +15,14 @@ configfile: "config/config.yaml"
 
 
 include: "workflow/rules/common.smk"
-include: "workflow/rules/data.smk"
-include: "workflow/rules/experts.smk"
+include: "workflow/rules/prepare_dataset.smk"
+include: "workflow/rules/embed_captions.smk"
+include: "workflow/rules/train_expert.smk"
 include: "workflow/rules/distill.smk"
-include: "workflow/rules/coresets.smk"
+include: "workflow/rules/select_coreset.smk"
 include: "workflow/rules/evaluate.smk"
-include: "workflow/rules/report.smk"
+include: "workflow/rules/summarize.smk"
+include: "workflow/rules/figures.smk"
 
 
 # "gpu" counts GPUs on this machine; under SLURM each job gets its own (see profiles/).

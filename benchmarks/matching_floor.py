@@ -35,9 +35,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "workflow"))
 
-from vldd.distill import Distiller  # noqa: E402
+from vldd.stages.distill import Distiller  # noqa: E402
 from vldd.engines import step_loss, trunk_features  # noqa: E402
-from vldd.experts import RealData, train_on_real  # noqa: E402
+from vldd.realdata import RealData, train_on_real  # noqa: E402
 from vldd.model import logit_scale  # noqa: E402
 from vldd.pairset import read_pairset  # noqa: E402
 from vldd.train import train_mode  # noqa: E402
@@ -154,8 +154,8 @@ def main(argv=None):
           f"syn_steps {steps}, budget {a.budget}, torch {torch.__version__}, "
           f"{a.threads} threads\n")
 
-    from vldd.data import load_prepared
-    from vldd.embed import load_embeddings
+    from vldd.prepared import load_prepared
+    from vldd.prepared import load_embeddings
     prepared = load_prepared(root / "data")
     data = RealData(prepared, load_embeddings(emb, root / "data", model_cfg["text_encoder"]),
                     distiller.model, "train", "cpu")

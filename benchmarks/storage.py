@@ -27,9 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "workflow"))
 
 from vldd import trajectory  # noqa: E402
-from vldd.data import prepare_dataset  # noqa: E402
-from vldd.embed import embed_captions  # noqa: E402
-from vldd.experts import train_expert  # noqa: E402
+from vldd.stages.prepare_dataset import prepare_dataset  # noqa: E402
+from vldd.stages.embed_captions import embed_captions  # noqa: E402
+from vldd.stages.train_expert import train_expert  # noqa: E402
 from vldd.io import h5_writer  # noqa: E402
 from vldd.model import build_model  # noqa: E402
 from vldd.trajectory import Trajectory  # noqa: E402

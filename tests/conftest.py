@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from vldd.data import prepare_dataset
-from vldd.embed import embed_captions
-from vldd.experts import train_expert
+from vldd.stages.prepare_dataset import prepare_dataset
+from vldd.stages.embed_captions import embed_captions
+from vldd.stages.train_expert import train_expert
 
 DATASET = {"name": "t", "source": "synthetic", "resolution": 16, "max_words": 30,
            "synthetic": {"n_train": 24, "n_val": 6, "n_test": 10, "captions_per_image": 2,

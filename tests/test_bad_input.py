@@ -6,6 +6,7 @@ keys and types through Snakemake are in test_workflow.)
 """
 from __future__ import annotations
 
+from vldd.checkpoint import load_distiller, save_distiller  # noqa: F401
 import json
 import shutil
 import subprocess
@@ -125,8 +126,8 @@ def test_expert_of_another_model(store, tmp_path):
 
 
 def test_expert_of_other_data(store, tmp_path):
-    from vldd.data import prepare_dataset
-    from vldd.embed import embed_captions
+    from vldd.stages.prepare_dataset import prepare_dataset
+    from vldd.stages.embed_captions import embed_captions
 
     other = {**DATASET, "synthetic": {**DATASET["synthetic"], "seed": 99}}
     prepare_dataset(other, tmp_path / "data")
@@ -151,19 +152,19 @@ def test_truncated_trajectory(store, tmp_path):
 def test_diverging_distillation_keeps_the_last_good_checkpoint(store, tmp_path):
     """A run whose state is about to blow up (lr 1e6 at iteration 2, as after a bad lr step)
     stops with the iteration, the lrs and advice; its last checkpoint stays for a resume."""
-    from vldd.distill import Distiller
-    from vldd.distill import checkpoint_key
+    from vldd.stages.distill import Distiller
+    from vldd.stages.distill import checkpoint_key
 
     experts = [store / "expert_0.h5"]
     cfg = {**DISTILL, "lr_min": None}
     d = Distiller(store / "data", store / "emb.h5", experts, MODEL, cfg, 6, "cpu")
-    d.step()
-    d.step()
+    d.iterate()
+    d.iterate()
     for p in d.lr_params:
         p.data.fill_(1e6)
     ckpt = tmp_path / "d" / "pairs.h5.ckpt.h5"
     ckpt.parent.mkdir()
-    d.save_checkpoint(ckpt, checkpoint_key(MODEL, cfg, 6, experts))
+    save_distiller(d, ckpt, checkpoint_key(MODEL, cfg, 6, experts))
     before = ckpt.read_bytes()
     out = _distill(store, tmp_path, experts, cfg=cfg)
     assert_refused(out, "diverged at iteration ", "lr_image ", "Lower", "checkpoint is kept")

@@ -5,6 +5,7 @@ no output left behind; or, where the input is legitimate, the correct result.
 """
 from __future__ import annotations
 
+from vldd.checkpoint import load_distiller, save_distiller  # noqa: F401
 import copy
 import json
 import math
@@ -32,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def coreset(store, tmp_path_factory):
     """A random coreset of 6 pairs of the store (a real pair set to alter)."""
-    from vldd.coreset import select_coreset
+    from vldd.stages.select_coreset import select_coreset
     path = tmp_path_factory.mktemp("coreset") / "pairs.h5"
     select_coreset(store / "data", store / "emb.h5", MODEL, "random", 6, 0, path)
     return path
@@ -86,17 +87,17 @@ def test_negative_lr_min_is_refused(store, tmp_path):
 
 def test_distill_refuses_to_save_lrs_at_or_below_zero(store, tmp_path):
     """lr_min null lets the lrs go negative; a finished run with such lrs saves nothing."""
-    from vldd.distill import Distiller, checkpoint_key
+    from vldd.stages.distill import Distiller, checkpoint_key
 
     experts = [store / "expert_0.h5"]
     cfg = {**DISTILL, "lr_min": None, "iterations": 1}
     d = Distiller(store / "data", store / "emb.h5", experts, MODEL, cfg, 6, "cpu")
-    d.step()
+    d.iterate()
     for p in d.lr_params:
         p.data.fill_(-0.02)
     ckpt = tmp_path / "d" / "pairs.h5.ckpt.h5"
     ckpt.parent.mkdir()
-    d.save_checkpoint(ckpt, checkpoint_key(MODEL, cfg, 6, experts))
+    save_distiller(d, ckpt, checkpoint_key(MODEL, cfg, 6, experts))
     out = distill(store, tmp_path, cfg=cfg)
     assert_refused(out, "lr_image -0.02", "gradient ascent", "distill.lr_min")
     assert not (tmp_path / "d" / "pairs.h5").exists()
@@ -368,8 +369,8 @@ def test_flipped_exponent_bits_in_an_expert_are_called_corruption(store, tmp_pat
 
 
 def test_one_training_image_is_too_few(tmp_path):
-    from vldd.data import prepare_dataset
-    from vldd.embed import embed_captions
+    from vldd.stages.prepare_dataset import prepare_dataset
+    from vldd.stages.embed_captions import embed_captions
 
     prepare_dataset({**DATASET, "synthetic": {**DATASET["synthetic"], "n_train": 1}},
                     tmp_path / "data")

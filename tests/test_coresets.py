@@ -10,11 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
-from vldd.coreset import (KINDS, Pool, cover_radius, forgetting_counts, herding, kcenter,
-                          matched_in_batch, mean_error, most_forgotten, pair_embedding,
-                          random_pairs, select_coreset)
-from vldd.data import load_prepared
-from vldd.embed import load_embeddings
+from vldd.stages.select_coreset import KINDS, Pool, cover_radius, forgetting_counts, herding, kcenter, matched_in_batch, mean_error, most_forgotten, pair_embedding, select_coreset
+from vldd.pairset import random_pairs
+from vldd.prepared import load_prepared
+from vldd.prepared import load_embeddings
 from vldd.encoders import build_image_encoder, image_normalisation, to_model_input
 from vldd.errors import VlddError
 from vldd.pairset import read_pairset

@@ -1,4 +1,4 @@
-"""Tests for vldd.synthetic and vldd.data: generator determinism, the prepared store's
+"""Tests for vldd.synthetic and vldd.stages.prepare_dataset: generator determinism, the prepared store's
 format, the Karpathy and BLIP readers, bad-input errors and the retrieval maps."""
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vldd import data, io, synthetic
+from vldd import io, synthetic
+from vldd.prepared import load_prepared
+from vldd.stages import prepare_dataset as data
 from vldd.errors import VlddError
 
 RES = 16
@@ -131,7 +133,7 @@ def test_prepare_synthetic_writes_consistent_store(tmp_path):
         assert f["split"].dtype == np.uint8
         assert list(f["split"][:]) == [0] * 20 + [1] * 4 + [2] * 8
         assert f["filename"].asstr()[0] == "synthetic_000000"
-    p = data.load_prepared(tmp_path / "d")
+    p = load_prepared(tmp_path / "d")
     caps = p.captions
     assert list(caps.columns) == ["caption_id", "image_index", "split", "caption", "raw"]
     assert caps["caption_id"].tolist() == list(range(32 * 3))
@@ -155,7 +157,7 @@ def test_prepare_is_byte_identical_across_runs(tmp_path):
 
 def test_prepare_karpathy_counts_order_resize_and_captions(karpathy, tmp_path):
     data.prepare_dataset(karpathy, tmp_path / "d")
-    p = data.load_prepared(tmp_path / "d")
+    p = load_prepared(tmp_path / "d")
     # Stored in split order, file order within a split; restval counts as train.
     assert list(p.filenames) == ["b.png", "imgs/d.png", "imgs/e.png", "c.png", "imgs/a.png"]
     assert list(p.image_split) == ["train", "train", "train", "val", "test"]
@@ -170,7 +172,7 @@ def test_prepare_karpathy_counts_order_resize_and_captions(karpathy, tmp_path):
 
 def test_prepare_blip_dedups_train_by_image_id(blip, tmp_path):
     data.prepare_dataset(blip, tmp_path / "d")
-    p = data.load_prepared(tmp_path / "d")
+    p = load_prepared(tmp_path / "d")
     assert list(p.filenames) == ["x/t1.png", "x/t2.png", "x/v1.png", "x/s1.png", "x/s2.png"]
     assert [int(p.images[i, 0, 0, 0]) for i in range(5)] == [10, 20, 30, 40, 50]
     train = p.split_captions("train")
@@ -182,7 +184,7 @@ def test_prepare_blip_dedups_train_by_image_id(blip, tmp_path):
 def test_prepare_blip_without_val_has_no_val_split(blip, tmp_path):
     blip["blip"]["val"] = None
     data.prepare_dataset(blip, tmp_path / "d")
-    p = data.load_prepared(tmp_path / "d")
+    p = load_prepared(tmp_path / "d")
     assert len(p.split_images("val")) == 0 and len(p.split_images("test")) == 2
 
 
@@ -190,7 +192,7 @@ def test_prepare_blip_without_val_has_no_val_split(blip, tmp_path):
 
 def test_retrieval_maps_point_each_caption_to_its_image(blip, tmp_path):
     data.prepare_dataset(blip, tmp_path / "d")
-    p = data.load_prepared(tmp_path / "d")
+    p = load_prepared(tmp_path / "d")
     # Caption ids: train 0,1 (t1) 2 (t2); val 3,4; test 5,6 (s1) 7 (s2).
     images, caption_ids, txt2img = p.retrieval_maps("test")
     assert images.tolist() == [3, 4]
@@ -203,15 +205,15 @@ def test_retrieval_maps_point_each_caption_to_its_image(blip, tmp_path):
 
 def test_load_prepared_rejects_missing_and_mismatched_files(blip, karpathy, tmp_path):
     with pytest.raises(VlddError, match="images.h5"):
-        data.load_prepared(tmp_path / "nothing")
+        load_prepared(tmp_path / "nothing")
     data.prepare_dataset(blip, tmp_path / "a")
     data.prepare_dataset(karpathy, tmp_path / "b")
     (tmp_path / "b" / "captions.parquet").replace(tmp_path / "a" / "captions.parquet")
     with pytest.raises(VlddError, match="different prepare runs"):
-        data.load_prepared(tmp_path / "a")
+        load_prepared(tmp_path / "a")
     (tmp_path / "b" / "captions.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(VlddError, match="captions.parquet"):
-        data.load_prepared(tmp_path / "b")
+        load_prepared(tmp_path / "b")
 
 
 # ---------------------------------------------------------------- bad input

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from conftest import DISTILL, MODEL
-from vldd.distill import distill
-from vldd.evaluate import _frame
-from vldd.experts import METRIC_ORDER
+from vldd.stages.distill import distill
+from vldd.stages.evaluate import _frame
+from vldd.metrics import METRIC_ORDER
 from vldd.io import write_parquet
 
 REPO = Path(__file__).resolve().parents[1]

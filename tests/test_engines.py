@@ -340,9 +340,9 @@ DISTILL = {"iterations": 3, "syn_steps": 3, "expert_epochs": 1, "max_start_epoch
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    from vldd.data import prepare_dataset
-    from vldd.embed import embed_captions
-    from vldd.experts import train_expert
+    from vldd.stages.prepare_dataset import prepare_dataset
+    from vldd.stages.embed_captions import embed_captions
+    from vldd.stages.train_expert import train_expert
 
     root = tmp_path_factory.mktemp("engines")
     prepare_dataset(DATASET, root / "data")
@@ -355,7 +355,7 @@ def store(tmp_path_factory):
 
 
 def _distiller(store, engine):
-    from vldd.distill import Distiller
+    from vldd.stages.distill import Distiller
     return Distiller(store / "data", store / "emb.h5", [store / "expert.h5"], MODEL,
                      {**DISTILL, "engine": engine}, 6, "cpu")
 

@@ -6,12 +6,12 @@ import pandas as pd
 from PIL import Image
 
 from conftest import DISTILL, EVAL, MODEL
-from vldd import figures
+from vldd.stages import figures
 from vldd.cli import main
-from vldd.distill import distill
-from vldd.evaluate import evaluate
+from vldd.stages.distill import distill
+from vldd.stages.evaluate import evaluate
 from vldd.pairset import read_pairset
-from vldd.tables import summarize
+from vldd.stages.summarize import summarize
 
 
 def test_figures_render_from_a_distilled_set_and_a_table(store, tmp_path):

@@ -163,9 +163,9 @@ def lora_store(tmp_path_factory):
     """A small dataset at 64 px and a LoRA expert on it. (At 16 px, the shared store's size,
     the pretrained Lite0's pooled features are all zero after its final ReLU6: a frozen
     encoder with adapters would get no gradient at all. At 32 px 0.5% are nonzero.)"""
-    from vldd.data import prepare_dataset
-    from vldd.embed import embed_captions
-    from vldd.experts import train_expert
+    from vldd.stages.prepare_dataset import prepare_dataset
+    from vldd.stages.embed_captions import embed_captions
+    from vldd.stages.train_expert import train_expert
 
     root = tmp_path_factory.mktemp("lora")
     data = {**DATASET, "resolution": 64,
@@ -208,8 +208,8 @@ def test_lora_expert_records_only_adapters_and_they_move(lora_expert):
 
 
 def test_distillation_on_a_lora_expert_changes_the_images(lora_store, tmp_path):
-    from vldd.distill import distill
-    from vldd.evaluate import evaluate
+    from vldd.stages.distill import distill
+    from vldd.stages.evaluate import evaluate
     from vldd.pairset import read_pairset
 
     store = lora_store
@@ -232,7 +232,7 @@ def test_distillation_on_a_lora_expert_changes_the_images(lora_store, tmp_path):
 def _image_meta_gradient(model, pixels, syn_steps=2, mini_batch=4, seed=0):
     """d |theta_img,K - target_img|^2 / d pixels through an exact unroll: the image end point
     depends on the pixels only through the adapters' gradients."""
-    from vldd.distill import unroll
+    from vldd.engines import unroll
     from vldd.train import train_mode
 
     layouts = model.layouts()

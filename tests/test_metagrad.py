@@ -1,4 +1,4 @@
-"""Tests for vldd.distill.unroll / matching_loss: the exact meta-gradient of the distillation
+"""Tests for vldd.engines.unroll / vldd.losses.matching_loss: the exact meta-gradient of the distillation
 loss w.r.t. the distilled image features, the distilled texts and the two learnable lrs,
 checked against central finite differences on a tiny float64 student."""
 from __future__ import annotations
@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 
 from vldd import trajectory
-from vldd.distill import matching_loss, unroll
+from vldd.losses import matching_loss
+from vldd.engines import unroll
 from vldd.encoders import ImageTower, TextHead
 from vldd.model import DualEncoder
 

@@ -2,6 +2,7 @@
 segments averaged per iteration, and the per-iteration diagnostics of the curve."""
 from __future__ import annotations
 
+from vldd.checkpoint import load_distiller, save_distiller  # noqa: F401
 import math
 
 import numpy as np
@@ -9,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from vldd.distill import CURVE_COLUMNS, Distiller, checkpoint_key, distill
+from vldd.stages.distill import CURVE_COLUMNS, Distiller, checkpoint_key, distill
 
 from conftest import DISTILL, MODEL  # the `store` fixture: conftest
 
@@ -35,9 +36,9 @@ def test_adam_log_lrs_and_segments_resume_from_a_checkpoint_to_identical_bytes(s
     part = tmp_path / "resumed"
     part.mkdir()
     d = _distiller(store, **ROBUST)
-    d.step()
-    d.step()
-    d.save_checkpoint(part / "pairs.h5.ckpt.h5",
+    d.iterate()
+    d.iterate()
+    save_distiller(d, part / "pairs.h5.ckpt.h5",
                       checkpoint_key(MODEL, cfg, 6, [store / "expert_0.h5"]))
     _run(store, part, cfg)
     for name in ("pairs.h5", "curve.parquet"):
@@ -50,9 +51,9 @@ def test_log_lrs_step_by_lr_times_the_linear_gradient_and_stay_positive(store):
     plain = {"lr_min": None, "momentum": 0.0, "lr_lr": 0.5}
     lr0 = DISTILL["lr_init"]
     lin = _distiller(store, **plain)      # (each Distiller seeds the global dropout rng)
-    lin.step()
+    lin.iterate()
     log_ = _distiller(store, lr_space="log", **plain)
-    log_.step()
+    log_.iterate()
     g_lin = [(lr0 - float(lin.lr_params[i].detach())) / plain["lr_lr"] for i in range(2)]
     for i, lr in enumerate((log_.lr_img, log_.lr_txt)):
         expect = math.log(lr0) - plain["lr_lr"] * lr0 * g_lin[i]
@@ -64,7 +65,7 @@ def test_log_lrs_step_by_lr_times_the_linear_gradient_and_stay_positive(store):
     for d in (lin, log_):
         for p in d.lr_params:
             p.grad = torch.tensor(1.0)
-        d.opt_lr.step()
+        d.optimizers[2].step()
     assert float(lin.lr_img) < 0 and float(log_.lr_img) > 0 and float(log_.lr_txt) > 0
 
 
@@ -77,7 +78,7 @@ def test_adam_bounds_each_elements_first_step_whatever_the_gradient_scale(store)
             d = _distiller(store, optimizer=kind, lr_image=0.01, lr_text=0.01)
             before = d.texts.detach().clone()
             d.texts.grad = torch.randn(d.texts.shape, generator=torch.Generator().manual_seed(0)) * scale
-            d.opt_txt.step()
+            d.optimizers[1].step()
             moved[kind, scale] = float((d.texts.detach() - before).abs().max())
     assert moved["adam", 1.0] <= 0.01 * (1 + 1e-5)
     assert moved["adam", 1e6] <= 0.01 * (1 + 1e-5)
@@ -97,7 +98,7 @@ def test_segments_average_the_meta_gradients_of_successive_segments(store):
     mean_images = (grads[0][0] + grads[1][0]) / 2
     two = _distiller(store, segments=2, **plain)
     before_t, before_i = two.texts.detach().clone(), two.images.detach().clone()
-    two.step()
+    two.iterate()
     assert torch.allclose(two.texts.detach(), before_t - DISTILL["lr_text"] * mean_texts,
                           rtol=1e-5, atol=1e-7)
     assert torch.allclose(two.images.detach(), before_i - DISTILL["lr_image"] * mean_images,
@@ -125,7 +126,7 @@ def test_select_best_saves_the_state_of_the_best_window_and_survives_a_checkpoin
     for _ in range(4):
         states.append((d.images.detach().clone(), d.texts.detach().clone(),
                        float(d.lr_img), float(d.lr_txt)))
-        d.step()
+        d.iterate()
     losses = [row[1] for row in d.curve]
     best = int(np.argmin(losses))
     images, texts, lrs, iteration = d.chosen()
@@ -137,12 +138,12 @@ def test_select_best_saves_the_state_of_the_best_window_and_survives_a_checkpoin
     assert ps.attrs["selected_iteration"] == best and ps.lr_text == states[best][3]
     # the kept state is part of the checkpoint
     ckpt = tmp_path / "c.h5"
-    d.save_checkpoint(ckpt, "k")
+    save_distiller(d, ckpt, "k")
     again = _distiller(store, **one, select="best", select_window=1)
-    assert again.load_checkpoint(ckpt, "k")
+    assert load_distiller(again, ckpt, "k")
     assert np.array_equal(again.chosen()[0], images) and again.chosen()[2:] == (lrs, best)
     last = _distiller(store, **one)
     for _ in range(2):
-        last.step()
+        last.iterate()
     assert np.array_equal(last.chosen()[0], last.images.detach().numpy())
     assert last.chosen()[3] == 2

@@ -256,11 +256,12 @@ def transient(suffix: str) -> Artifact:
 def test_a_killed_experts_epoch_files_have_the_documented_layout(store, tmp_path, monkeypatch):
     """The epoch files a killed train_expert leaves (kept here by skipping their removal)."""
     from conftest import EXPERTS, MODEL
-    from vldd import experts
+    from vldd import checkpoint
+    from vldd.stages.train_expert import train_expert
 
-    monkeypatch.setattr(experts.shutil, "rmtree", lambda *a, **k: None)
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", lambda *a, **k: None)
     out = tmp_path / "results/t/experts/m/expert_0.h5"
-    experts.train_expert(store / "data", store / "emb.h5", MODEL, {**EXPERTS, "momentum": 0.5},
+    train_expert(store / "data", store / "emb.h5", MODEL, {**EXPERTS, "momentum": 0.5},
                          0, out, device="cpu")
     files = sorted(out.parent.glob("expert_0.h5.ckpt/*.h5"))
     assert len(files) == EXPERTS["epochs"] + 1
@@ -272,15 +273,15 @@ def test_a_killed_experts_epoch_files_have_the_documented_layout(store, tmp_path
 
 def test_a_killed_distills_checkpoint_has_the_documented_layout(store, tmp_path, monkeypatch):
     from conftest import DISTILL, MODEL
-    from vldd import distill
+    from vldd.stages import distill
 
     real_step, calls = distill.Distiller.step, []
 
-    def step(self):
+    def step(self, grads):
         calls.append(1)
         if len(calls) > DISTILL["checkpoint_every"]:
             raise KeyboardInterrupt  # killed after the first checkpoint
-        return real_step(self)
+        return real_step(self, grads)
 
     monkeypatch.setattr(distill.Distiller, "step", step)
     out = tmp_path / "results/t/distilled/m/mtt/n6/pairs.h5"

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pandas as pd
 
-from vldd.evaluate import _frame
-from vldd.experts import METRIC_ORDER
+from vldd.stages.evaluate import _frame
+from vldd.metrics import METRIC_ORDER
 from vldd.io import write_parquet
-from vldd.tables import summarize
+from vldd.stages.summarize import summarize
 
 
 def _eval(path, method, budget, seed, value):
@@ -55,7 +55,7 @@ def _eval_of(path, model_cfg, model, method, budget, seed, value):
 
 
 def test_ablation_tables_put_encoders_variants_and_cross_architectures_side_by_side(tmp_path):
-    from vldd.tables import summarize
+    from vldd.stages.summarize import summarize
 
     nf = {"image_encoder": {"name": "nfnet_l0", "trainable": "all"},
           "text_encoder": {"name": "bert-base-uncased", "pooling": "cls"}}

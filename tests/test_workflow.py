@@ -428,8 +428,8 @@ def test_cross_architecture_evaluations_are_planned_per_distilled_set(tmp_path):
 def test_tables_include_adds_other_runs_to_the_ablation_tables(tiny_run):
     """Another encoder pair is another run (another model name); `tables.include` brings its
     evaluations into this run's tables."""
-    from vldd.evaluate import _frame
-    from vldd.experts import METRIC_ORDER
+    from vldd.stages.evaluate import _frame
+    from vldd.metrics import METRIC_ORDER
     from vldd.io import provenance, write_parquet
 
     other = {"name": "vit-lora", "text_encoder": {"name": "all-MiniLM-L6-v2", "pooling": "mean"},

@@ -2,6 +2,7 @@
 
 import json
 import re
+import sys
 from pathlib import Path
 from shlex import quote as shlex_quote
 
@@ -12,54 +13,27 @@ from snakemake.utils import validate
 # workflow.basedir, which is the directory of the outermost Snakefile: the workflow then also
 # works as a module of another one (`module vldd` with snakefile pointing here).
 PACKAGE_DIR = Path(str(workflow.current_basedir)).parent  # the folder of vldd and schemas
-SCHEMA = PACKAGE_DIR / "schemas" / "config.schema.yaml"
+sys.path.insert(0, str(PACKAGE_DIR))
 
-
-def text_hint(err):
-    """For a type error on text that YAML reads as the wanted type (what `--config
-    'distill={iterations: 3}'` makes of 3: Snakemake passes values inside a mapping as
-    text), the fix; empty otherwise."""
-    import jsonschema
-    import yaml
-
-    if err.validator != "type" or not isinstance(err.instance, str):
-        return ""
-    try:
-        jsonschema.validate(yaml.safe_load(err.instance), {"type": err.validator_value})
-    except (yaml.YAMLError, jsonschema.ValidationError):
-        return ""
-    return (
-        " (snakemake --config passes values inside a mapping as text: put nested "
-        "settings in a YAML file and add it with --configfile, e.g. snakemake "
-        "--configfile config/config.yaml my.yaml)"
-    )
+from vldd.config import (  # noqa: E402  (schema, defaults, variants: one place)
+    CORESET_NEEDS_EXPERT,
+    FANOUT,
+    problems,
+    stage_section,
+    variant_problems,
+    variant_section,
+)
+from vldd.errors import VlddError  # noqa: E402
 
 
 def check_config(cfg):
     """Every schema violation at once, each naming its key and what is allowed there, before
     Snakemake's own validation fills in the defaults."""
-    import jsonschema
-    import yaml
-
-    schema = yaml.safe_load(SCHEMA.read_text())
-    cls = jsonschema.validators.validator_for(schema)
-    problems = []
-    for err in sorted(cls(schema).iter_errors(cfg), key=lambda e: list(map(str, e.path))):
-        where = ".".join(map(str, err.absolute_path))
-        if err.validator == "additionalProperties":
-            known = sorted(err.schema.get("properties", {}))
-            for key in sorted(set(err.instance) - set(known)):
-                name = f"{where}.{key}" if where else key
-                scope = f"in {where}" if where else "at the top level"
-                problems.append(
-                    f"unknown key '{name}'; the keys allowed {scope} are: {', '.join(known)}"
-                )
-        else:
-            problems.append(f"'{where or '(top level)'}': {err.message}{text_hint(err)}")
-    if problems:
+    found = problems(cfg)
+    if found:
         raise WorkflowError(
             "invalid configuration (config/README.md describes every key):\n  - "
-            + "\n  - ".join(problems)
+            + "\n  - ".join(found)
         )
 
 
@@ -100,40 +74,16 @@ wildcard_constraints:
     source=r"(distilled|coreset)-[A-Za-z0-9_]+",
 
 
-def section(name, drop=()):
-    """A config section without the keys that only say which jobs exist (adding a budget
-    or a seed must not rerun the jobs that already exist)."""
-    return {k: v for k, v in config[name].items() if k not in drop}
+def section(name):
+    """A config section as its stage reads it, without the keys that only say which jobs
+    exist (adding a budget or a seed must not rerun the jobs that already exist)."""
+    return stage_section(config, name)
 
 
 def check_variants():
-    import yaml
-
-    import jsonschema
-
-    props = dict(yaml.safe_load(SCHEMA.read_text())["properties"]["distill"]["properties"])
-    for key in ("budgets", "variants", "method"):
-        props.pop(key)
-    keys = sorted(props)
-    for name, over in VARIANTS.items():
-        if not re.fullmatch(r"[A-Za-z0-9]+", name):
-            raise WorkflowError(
-                f"distill.variants: name '{name}' must be letters and digits "
-                "only (it becomes part of the method name and of paths)."
-            )
-        bad = sorted(set(over or {}) - set(keys))
-        if bad:
-            raise WorkflowError(
-                f"distill.variants.{name}: unknown key(s) {', '.join(bad)}; a "
-                f"variant overrides distill keys: {', '.join(keys)}."
-            )
-        for key, value in (over or {}).items():
-            try:
-                jsonschema.validate(value, props[key])
-            except jsonschema.ValidationError as err:
-                raise WorkflowError(
-                    f"distill.variants.{name}.{key}: {err.message}{text_hint(err)}"
-                ) from None
+    found = variant_problems(VARIANTS)
+    if found:
+        raise WorkflowError(found[0])
 
 
 check_variants()
@@ -141,20 +91,10 @@ check_variants()
 
 def distill_section(method):
     """The distill settings of `method`: the main one, or a variant's overrides on top."""
-    base = section("distill", ["budgets", "variants"])
-    if method == METHOD:
-        return base
-    name = method[len(METHOD) + 1 :]
-    if not method.startswith(f"{METHOD}_") or name not in VARIANTS:
-        raise WorkflowError(f"no distillation method '{method}': known are {METHODS}.")
-    merged = json.loads(json.dumps(base))
-    for key, value in (VARIANTS[name] or {}).items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = {**merged[key], **value}
-        else:
-            merged[key] = value
-    merged["method"] = method
-    return merged
+    try:
+        return variant_section(config, method)
+    except VlddError as err:
+        raise WorkflowError(str(err)) from None
 
 
 # The torch device reaches the jobs as a resource ({resources.device:q}), not as a param of
@@ -217,10 +157,6 @@ def expert_files(wildcards):
     )
 
 
-# Coreset kinds that embed the pairs with a trained expert (its final parameters).
-CORESET_NEEDS_EXPERT = ("herding", "kcenter")
-
-
 def coreset_expert(wildcards):
     """herding and kcenter embed the pairs with expert 0; random and forgetting need none."""
     if wildcards.kind in CORESET_NEEDS_EXPERT:
@@ -230,9 +166,9 @@ def coreset_expert(wildcards):
 
 def coreset_json(wildcards):
     """The settings select_coreset reads; forgetting trains with the experts' settings."""
-    sections = {"model": config["model"], "coresets": section("coresets", ["kinds"])}
+    sections = {"model": config["model"], "coresets": section("coresets")}
     if wildcards.kind == "forgetting":
-        sections["experts"] = section("experts", ["count"])
+        sections["experts"] = section("experts")
     return stage_json(**sections)
 
 

@@ -1,4 +1,4 @@
-# Stage 3: bi-trajectory matching into a pair set of n pairs.
+# Stage 4: bi-trajectory matching into a pair set of n pairs.
 
 
 rule distill:

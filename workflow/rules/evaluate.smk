@@ -1,4 +1,4 @@
-# Stage 4: a fresh model trained on a pair set (or on all data), then test retrieval.
+# Stage 5: a fresh model trained on a pair set (or on all data), then test retrieval.
 
 
 rule evaluate:
@@ -20,7 +20,7 @@ rule evaluate:
         device=DEVICE,
     params:
         cfg=lambda w: stage_json(
-            model=config["model"], evaluate=section("evaluate", ["seeds", "cross_architectures"])
+            model=config["model"], evaluate=section("evaluate")
         ),
         data=lambda w, input: str(Path(input.images).parent),
     shell:
@@ -50,7 +50,7 @@ rule evaluate_cross:
     params:
         cfg=lambda w: stage_json(
             model=cross_model(w.arch),
-            evaluate=section("evaluate", ["seeds", "cross_architectures"]),
+            evaluate=section("evaluate"),
         ),
         data=lambda w, input: str(Path(input.images).parent),
     shell:
@@ -77,7 +77,7 @@ rule train_full:
         gpu=1,
         device=DEVICE,
     params:
-        cfg=lambda w: stage_json(model=config["model"], full=section("full", ["enabled"])),
+        cfg=lambda w: stage_json(model=config["model"], full=section("full")),
         data=lambda w, input: str(Path(input.images).parent),
     shell:
         "python -m vldd --threads {threads} train-full --config-json {params.cfg:q}"

@@ -15,6 +15,7 @@ import signal
 import sys
 from pathlib import Path
 
+from .config import STAGE_SECTIONS, stage_config
 from .errors import VlddError
 
 
@@ -76,70 +77,56 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _need(cfg: dict, *keys):
-    for key in keys:
-        if key not in cfg:
-            raise VlddError(f"--config-json lacks the section '{key}'.")
-    return [cfg[k] for k in keys]
-
-
 def cmd_prepare_dataset(a, cfg):
-    from .data import prepare_dataset
-    (dataset,) = _need(cfg, "dataset")
-    prepare_dataset(dataset, a.out_dir)
+    from .stages.prepare_dataset import prepare_dataset
+    prepare_dataset(cfg["dataset"], a.out_dir)
 
 
 def cmd_embed_captions(a, cfg):
-    from .embed import embed_captions
-    (model,) = _need(cfg, "model")
-    embed_captions(a.data, model["text_encoder"], a.out, device=a.device)
+    from .stages.embed_captions import embed_captions
+    embed_captions(a.data, cfg["model"].text_encoder, a.out, device=a.device)
 
 
 def cmd_train_expert(a, cfg):
-    from .experts import train_expert
-    model, experts = _need(cfg, "model", "experts")
-    train_expert(a.data, a.embeddings, model, experts, a.index, a.out, device=a.device)
+    from .stages.train_expert import train_expert
+    train_expert(a.data, a.embeddings, cfg["model"], cfg["experts"], a.index, a.out,
+                 device=a.device)
 
 
 def cmd_distill(a, cfg):
-    from .distill import distill
-    model, dist = _need(cfg, "model", "distill")
-    distill(a.data, a.embeddings, a.experts, model, dist, a.budget, a.out, a.curve,
-            device=a.device)
+    from .stages.distill import distill
+    distill(a.data, a.embeddings, a.experts, cfg["model"], cfg["distill"], a.budget, a.out,
+            a.curve, device=a.device)
 
 
 def cmd_select_coreset(a, cfg):
-    from .coreset import select_coreset
-    model, coresets = _need(cfg, "model", "coresets")
-    select_coreset(a.data, a.embeddings, model, a.kind, a.budget, int(coresets.get("seed", 0)),
-                   a.out, expert_path=a.experts, experts_cfg=cfg.get("experts"),
-                   device=a.device)
+    from .stages.select_coreset import select_coreset
+    select_coreset(a.data, a.embeddings, cfg["model"], a.kind, a.budget, cfg["coresets"].seed,
+                   a.out, expert_path=a.experts, experts_cfg=cfg["experts"], device=a.device)
 
 
 def cmd_evaluate(a, cfg):
-    from .evaluate import evaluate
-    model, ev = _need(cfg, "model", "evaluate")
-    evaluate(a.data, a.embeddings, a.pairs, model, ev, a.seed, a.out, dataset=a.dataset,
-             device=a.device)
+    from .stages.evaluate import evaluate
+    evaluate(a.data, a.embeddings, a.pairs, cfg["model"], cfg["evaluate"], a.seed, a.out,
+             dataset=a.dataset, device=a.device)
 
 
 def cmd_train_full(a, cfg):
-    from .evaluate import train_full
-    model, full = _need(cfg, "model", "full")
-    train_full(a.data, a.embeddings, model, full, a.seed, a.out, dataset=a.dataset,
-               device=a.device)
+    from .stages.evaluate import train_full
+    train_full(a.data, a.embeddings, cfg["model"], cfg["full"], a.seed, a.out,
+               dataset=a.dataset, device=a.device)
 
 
 def cmd_summarize(a, cfg):
     from .checks import check_eval_table
-    from .tables import summarize
+    from .stages.summarize import summarize
     for path in a.inputs:
         check_eval_table(path)
     summarize(a.inputs, a.out_parquet, a.out_md, a.out_ablations, a.main_method)
 
 
 def cmd_figures(a, cfg):
-    from . import figures
+    from .stages import figures
     did = False
     if a.pairs and a.out_examples:
         figures.examples_figure(a.pairs, a.data, a.embeddings, a.out_examples)
@@ -156,7 +143,7 @@ def cmd_figures(a, cfg):
 
 
 def cmd_inspect(a, cfg):
-    from .inspect import describe
+    from .stages.inspect import describe
     for path in a.files:
         print(describe(path))
 
@@ -252,6 +239,8 @@ def main(argv=None):
     sys.excepthook = _quiet_h5_dealloc(sys.excepthook)
     try:
         cfg = _json(args.config_json)
+        if args.command in STAGE_SECTIONS:   # typed sections, defaults from the schema
+            cfg = stage_config(args.command, cfg)
         _check_outputs(args)
         if args.threads:
             import torch

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import lora_spec
 from .errors import VlddError
 
 # Packages that ship image weights: package -> (module, class, timm architecture).
@@ -168,22 +169,6 @@ LORA_TARGETS = {
     "MobileNetV3": r"blocks\.\d+\.\d+\.(conv_pw|conv_pwl)",
     "NormFreeNet": r"stages\.\d+\.\d+\.(conv1|conv3)|final_conv",
 }
-LORA_DEFAULTS = {"rank": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": None, "seed": None}
-
-
-def lora_spec(spec: dict | None) -> dict:
-    """A LoRA spec (model.image_encoder.lora) with its defaults filled in."""
-    spec = dict(spec or {})
-    unknown = sorted(set(spec) - set(LORA_DEFAULTS))
-    if unknown:
-        raise VlddError(f"model.image_encoder.lora: unknown keys {unknown}; known are "
-                        f"{sorted(LORA_DEFAULTS)}.")
-    out = {**LORA_DEFAULTS, **{k: v for k, v in spec.items() if v is not None}}
-    if int(out["rank"]) < 1:
-        raise VlddError(f"model.image_encoder.lora.rank must be >= 1, not {out['rank']}.")
-    if not 0.0 <= float(out["dropout"]) < 1.0:
-        raise VlddError(f"model.image_encoder.lora.dropout must be in [0, 1), not {out['dropout']}.")
-    return out
 
 
 def _plain_lora_convs(model: nn.Module):
@@ -469,13 +454,6 @@ class TextTower:
     normalize: bool
     max_length: int
     dim: int
-
-
-def text_spec(spec: dict) -> dict:
-    """A text encoder spec with its defaults filled in: what identifies its embeddings."""
-    return {"name": spec["name"], "weights": spec.get("weights", "hub"),
-            "pooling": spec.get("pooling", "mean"), "normalize": bool(spec.get("normalize", False)),
-            "max_length": int(spec.get("max_length", 64))}
 
 
 def build_text_encoder(spec: dict) -> TextTower:

@@ -13,6 +13,7 @@ import numpy as np
 from .errors import VlddError
 
 KS = (1, 5, 10)
+METRIC_ORDER = tuple(f"TR@{k}" for k in KS) + tuple(f"IR@{k}" for k in KS)
 
 
 def retrieval_ranks(scores: np.ndarray, txt2img: np.ndarray):

@@ -86,3 +86,30 @@ def check_pairset(path, ps: PairSet) -> None:
         if not np.isfinite(arr).all():
             raise VlddError(f"{path}: {name} hold NaN or inf ({int((~np.isfinite(arr)).sum())} "
                             f"values): this pair set cannot be trained on. {fix}")
+
+
+def check_budget(prepared, budget: int, where: str = "budget") -> int:
+    """The number of training images, after refusing a budget that does not fit in it."""
+    n = len(prepared.split_images("train"))
+    if budget > n:
+        raise VlddError(f"{where} = {budget} is larger than the training set "
+                        f"({n} images): choose a budget <= {n}.")
+    if budget < 1:
+        raise VlddError(f"{where} = {budget}: a coreset needs at least one pair.")
+    return n
+
+
+def random_pairs(prepared, budget: int, seed: int, where: str = "budget") -> np.ndarray:
+    """Caption ids of `budget` training pairs: distinct images, one random caption each."""
+    check_budget(prepared, budget, where)
+    train_images = prepared.split_images("train")
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(train_images, size=budget, replace=False))
+    caps = prepared.captions
+    out = []
+    for img in chosen:
+        ids = caps.loc[caps["image_index"] == img, "caption_id"].to_numpy()
+        out.append(int(ids[rng.integers(len(ids))]))
+    return np.asarray(out, dtype=np.int64)
+
+

@@ -29,6 +29,7 @@ import h5py
 import numpy as np
 import torch
 
+from .config import fill
 from .errors import VlddError
 from .io import h5_dataset, open_h5
 
@@ -70,10 +71,9 @@ COMPRESSION = ("none", "gzip", "lzf")
 
 
 def storage_spec(spec: dict | None) -> dict:
-    spec = dict(spec or {})
-    dtype = spec.get("dtype", "float32")
-    compression = spec.get("compression", "none")
-    offsets = spec.get("offsets", False)
+    """experts.storage with the schema's defaults filled in, checked."""
+    spec = fill("experts.storage", dict(spec or {}))
+    dtype, compression, offsets = spec["dtype"], spec["compression"], spec["offsets"]
     if dtype not in DTYPES or compression not in COMPRESSION or not isinstance(offsets, bool):
         raise VlddError(f"experts.storage: dtype must be one of {sorted(DTYPES)}, compression "
                         f"one of {list(COMPRESSION)} and offsets true or false, got {dtype!r} / "

@@ -1,4 +1,4 @@
-# Stage 2: expert trajectories, one job per expert (parallel; one GPU each).
+# Stage 3: expert trajectories, one job per expert (parallel; one GPU each).
 
 
 rule train_expert:
@@ -19,7 +19,7 @@ rule train_expert:
         gpu=1,
         device=DEVICE,
     params:
-        cfg=lambda w: stage_json(model=config["model"], experts=section("experts", ["count"])),
+        cfg=lambda w: stage_json(model=config["model"], experts=section("experts")),
         data=lambda w, input: str(Path(input.images).parent),
     shell:
         "python -m vldd --threads {threads} train-expert --config-json {params.cfg:q}"

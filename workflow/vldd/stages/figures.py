@@ -13,9 +13,9 @@ import textwrap
 import numpy as np
 import pandas as pd
 
-from .errors import VlddError
-from .io import atomic_path, open_h5
-from .pairset import read_pairset
+from ..errors import VlddError
+from ..io import atomic_path, open_h5
+from ..pairset import read_pairset
 
 
 def _plt():

@@ -20,58 +20,27 @@ pair is chosen, the other captions of its image are no longer candidates. config
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .data import load_prepared
-from .embed import load_embeddings
-from .encoders import image_normalisation, text_spec, to_model_input
-from .errors import VlddError
-from .io import provenance
-from .pairset import PairSet, write_pairset
-from .progress import Progress
+from .. import config
+from ..encoders import image_normalisation
+from ..errors import VlddError
+from ..experts import data_fingerprint, load_expert_model
+from ..io import config_hash, provenance
+from ..model import build_model, embed_pairs, logit_scale, resolve_device
+from ..pairset import PairSet, check_budget, random_pairs, write_pairset
+from ..prepared import load_embeddings, load_prepared
+from ..progress import Progress
+from ..realdata import RealData, real_pairs, train_on_real
 
 log = logging.getLogger(__name__)
 
 KINDS = ("random", "herding", "kcenter", "forgetting")
-NEEDS_EXPERT = ("herding", "kcenter")
-
-
-def check_budget(prepared, budget: int, where: str = "budget") -> int:
-    """The number of training images, after refusing a budget that does not fit in it."""
-    n = len(prepared.split_images("train"))
-    if budget > n:
-        raise VlddError(f"{where} = {budget} is larger than the training set "
-                        f"({n} images): choose a budget <= {n}.")
-    if budget < 1:
-        raise VlddError(f"{where} = {budget}: a coreset needs at least one pair.")
-    return n
-
-
-def random_pairs(prepared, budget: int, seed: int, where: str = "budget") -> np.ndarray:
-    """Caption ids of `budget` training pairs: distinct images, one random caption each."""
-    check_budget(prepared, budget, where)
-    train_images = prepared.split_images("train")
-    rng = np.random.default_rng(seed)
-    chosen = np.sort(rng.choice(train_images, size=budget, replace=False))
-    caps = prepared.captions
-    out = []
-    for img in chosen:
-        ids = caps.loc[caps["image_index"] == img, "caption_id"].to_numpy()
-        out.append(int(ids[rng.integers(len(ids))]))
-    return np.asarray(out, dtype=np.int64)
-
-
-def real_pairs(prepared, embeddings, caption_ids, mean, std):
-    """(normalised images [n,3,H,W], embeddings [n,d]) of the given caption ids."""
-    caps = prepared.captions.set_index("caption_id")
-    img_idx = caps.loc[caption_ids, "image_index"].to_numpy()
-    images = to_model_input(prepared.images[img_idx], mean, std).numpy()
-    return images, embeddings[caption_ids]
+NEEDS_EXPERT = config.CORESET_NEEDS_EXPERT
 
 
 # ----------------------------------------------------------------------------- the pool
@@ -90,91 +59,20 @@ class Pool:
 
 
 def _real_data(prepared, emb, model, device):
-    from .experts import RealData
     data = RealData(prepared, emb, model, "train", device)
     image_ids = np.asarray(data.image_ids)[data.pair_img.numpy()]
     return data, Pool(np.asarray(data.caption_ids, dtype=np.int64), image_ids.astype(np.int64))
 
 
-def _image_spec_key(spec: dict) -> dict:
-    key = {"name": spec.get("name"), "weights": spec.get("weights", "hub"),
-           "trainable": spec.get("trainable", "all"), "kwargs": spec.get("kwargs") or {}}
-    if key["trainable"] == "lora":  # adapters of another alpha or dropout are another model
-        from .encoders import lora_spec
-        key["lora"] = {k: v for k, v in lora_spec(spec.get("lora")).items() if k != "seed"}
-    return key
-
-
-# model keys besides the encoders that change what an expert learns, with their defaults
-MODEL_DEFAULTS = {"head_dropout": 0.1, "temperature": 0.07, "quirk_inner_log_scale": False}
-
-
-def check_expert_model(t, model_cfg: dict) -> None:
-    """Refuse an expert trajectory `t` trained with another model than `model_cfg`: another
-    image encoder (name, weights, trainable part, kwargs, LoRA), text encoder, text-head
-    dropout, temperature or logit quirk. (The label model.name does not count.)"""
-    theirs_model = json.loads(t.attrs.get("config_json", "{}")).get("model", {})
-    checks = [("image_encoder", _image_spec_key), ("text_encoder", text_spec)]
-    for key, norm in checks:
-        raw = t.attrs.get(key)
-        theirs = json.loads(raw) if raw is not None else theirs_model.get(key)
-        if theirs is not None and norm(theirs) != norm(model_cfg[key]):
-            _other_model(t.path, key, norm(theirs), norm(model_cfg[key]))
-    if not theirs_model:
-        return
-    for key, default in MODEL_DEFAULTS.items():
-        theirs, ours = theirs_model.get(key, default), model_cfg.get(key, default)
-        if theirs != ours:
-            _other_model(t.path, f"model.{key}", theirs, ours)
-
-
-def _other_model(path, key, theirs, ours):
-    raise VlddError(
-        f"{path}: this expert was trained with another model ({key} "
-        f"{json.dumps(theirs, sort_keys=True)}, the config has "
-        f"{json.dumps(ours, sort_keys=True)}). Rerun train_expert with the current config, "
-        "or pass the expert of this model.")
-
-
-def load_expert_model(expert_path, model_cfg, text_dim, data_dir, embeddings_path, device):
-    """A model of `model_cfg` holding the final parameters of the expert at expert_path.
-
-    Refuses an expert of another model (image encoder name, weights or trainable part, text
-    encoder, or parameter layout) or one trained on other data.
-    """
-    from .experts import check_experts_data
-    from .model import build_model
-    from .trajectory import Trajectory
-
-    t = Trajectory(expert_path)
-    try:
-        check_expert_model(t, model_cfg)
-        check_experts_data([t], data_dir, embeddings_path)
-        model = build_model(model_cfg, text_dim, seed=0)
-        layouts = model.layouts()
-        with torch.no_grad():
-            for group, module in (("image", model.tail), ("text", model.head)):
-                t.check_layout(group, layouts[group])
-                params = [p for p in module.parameters() if p.requires_grad]
-                torch.nn.utils.vector_to_parameters(t.params(group, t.n_epochs), params)
-        attrs = {"expert": str(expert_path), "expert_config_sha256": str(t.attrs.get(
-            "config_sha256", "")), "expert_epoch": t.n_epochs}
-    finally:
-        t.close()
-    return model.to(device), attrs
-
-
-def pair_embedding(data_dir, embeddings_path, model_cfg, expert_path, device="cpu"):
+def pair_embedding(data_dir, embeddings_path, model_cfg, expert_path, device="cpu",
+                   loaded=None):
     """(Pool with x, the expert model, its provenance) for every training pair.
 
     x[p] = [L2(tail(trunk(image))); L2(head(text))] with the expert's final parameters, in
     eval mode (no dropout): float32 [n_pairs, 2D] on `device`. Every row has norm sqrt(2).
     """
-    from .model import embed_pairs, resolve_device
-
     dev = resolve_device(device)
-    prepared = load_prepared(data_dir)
-    emb = load_embeddings(embeddings_path, data_dir, model_cfg["text_encoder"])
+    prepared, emb = loaded or _load(data_dir, embeddings_path, model_cfg)
     model, attrs = load_expert_model(expert_path, model_cfg, emb.shape[1], data_dir,
                                      embeddings_path, dev)
     data, pool = _real_data(prepared, emb, model, dev)
@@ -297,17 +195,15 @@ def matched_in_batch(img_f, txt_f, images) -> torch.Tensor:
 
 
 def forgetting_counts(data_dir, embeddings_path, model_cfg, experts_cfg, seed,
-                      device="cpu") -> Forgetting:
+                      device="cpu", loaded=None) -> Forgetting:
     """Train one model on all training pairs with the settings of an `experts` section
     (epochs, lrs, momentum, weight decay, batch size, sample) from `seed`, recording at every
     batch which pairs are matched (matched_in_batch, on the features of the training forward
     pass: before the step, dropout on)."""
-    from .model import build_model, logit_scale, resolve_device
-    from .train import train_contrastive
 
     dev = resolve_device(device)
-    prepared = load_prepared(data_dir)
-    emb = load_embeddings(embeddings_path, data_dir, model_cfg["text_encoder"])
+    cfg = config.section("experts", experts_cfg)
+    prepared, emb = loaded or _load(data_dir, embeddings_path, model_cfg)
     model = build_model(model_cfg, emb.shape[1], seed).to(dev)
     data, pool = _real_data(prepared, emb, model, dev)
     n = len(pool.caption_ids)
@@ -325,15 +221,8 @@ def forgetting_counts(data_dir, embeddings_path, model_cfg, experts_cfg, seed,
         last[ids] = now
         presented[ids] += 1
 
-    cfg = experts_cfg
-    # The settings as experts.train_on_real maps them, plus the on_batch hook.
-    train_contrastive(
-        model, data.feats, data.texts, data.pair_img, data.pair_txt, epochs=int(cfg["epochs"]),
-        lr_image=float(cfg["lr_image"]), lr_text=float(cfg["lr_text"]),
-        momentum=float(cfg.get("momentum", 0.0)), weight_decay=float(cfg.get("weight_decay", 0.0)),
-        batch_size=int(cfg["batch_size"]), logit_scale=logit_scale(model_cfg), seed=int(seed),
-        per_image=cfg.get("sample", "captions") == "images", on_batch=on_batch,
-        progress="forgetting")
+    train_on_real(model, data, model_cfg, cfg, int(seed), on_batch=on_batch,
+                  progress="forgetting")
     log.info("forgetting: %d pairs, %d never presented, %d never learned, max count %d",
              n, int((presented == 0).sum()), int(((presented > 0) & ~learned).sum()),
              int(forgotten.max(initial=0)))
@@ -362,13 +251,12 @@ def most_forgotten(stats: Forgetting, budget: int, seed: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- the stage
 
 
-def select_coreset(data_dir, embeddings_path, model_cfg, kind, budget, seed, out_path, *,
-                   expert_path=None, experts_cfg=None, device="auto"):
-    """Write the pair set of coreset `kind` with `budget` pairs.
+def _load(data_dir, embeddings_path, model_cfg):
+    return (load_prepared(data_dir),
+            load_embeddings(embeddings_path, data_dir, model_cfg["text_encoder"]))
 
-    expert_path: the trajectory whose final parameters embed the pairs (herding, kcenter);
-    experts_cfg: the `experts` section whose training settings the forgetting run uses.
-    """
+
+def _check_request(kind, expert_path, experts_cfg):
     if kind not in KINDS:
         raise VlddError(f"coreset kind '{kind}' is not known: choose one of {KINDS}.")
     if kind in NEEDS_EXPERT and expert_path is None:
@@ -377,19 +265,30 @@ def select_coreset(data_dir, embeddings_path, model_cfg, kind, budget, seed, out
     if kind == "forgetting" and not experts_cfg:
         raise VlddError("coreset kind 'forgetting' trains with the settings of the `experts` "
                         "section: give it in --config-json.")
+
+
+def select_coreset(data_dir, embeddings_path, model, kind, budget, seed, out_path, *,
+                   expert_path=None, experts_cfg=None, device="auto"):
+    """Write the pair set of coreset `kind` with `budget` pairs.
+
+    model: the model section (vldd.config's typed object, or a dict); expert_path: the
+    trajectory whose final parameters embed the pairs (herding, kcenter); experts_cfg: the
+    `experts` section whose training settings the forgetting run uses.
+    """
+    _check_request(kind, expert_path, experts_cfg)
+    model_cfg = config.section("model", model).as_dict()
     budget, seed = int(budget), int(seed)
-    prepared = load_prepared(data_dir)
+    prepared, emb = _load(data_dir, embeddings_path, model_cfg)
     check_budget(prepared, budget)
-    emb = load_embeddings(embeddings_path, data_dir, model_cfg["text_encoder"])
     section = {"model": model_cfg, "kind": kind, "budget": budget, "seed": seed}
     extra = {}
     if kind == "random":
         mean, std = image_normalisation(model_cfg["image_encoder"])
         ids = random_pairs(prepared, budget, seed)
     elif kind in NEEDS_EXPERT:
-        pool, model, extra = pair_embedding(data_dir, embeddings_path, model_cfg, expert_path,
-                                            device)
-        mean, std = model.tower.mean, model.tower.std
+        pool, expert, extra = pair_embedding(data_dir, embeddings_path, model_cfg, expert_path,
+                                             device, loaded=(prepared, emb))
+        mean, std = expert.tower.mean, expert.tower.std
         chosen = herding(pool, budget) if kind == "herding" else kcenter(pool, budget, seed)
         extra["mean_error"] = mean_error(pool.x, chosen)
         extra["cover_radius"] = cover_radius(pool.x, chosen)
@@ -397,9 +296,10 @@ def select_coreset(data_dir, embeddings_path, model_cfg, kind, budget, seed, out
                  extra["cover_radius"])
         ids = pool.caption_ids[chosen]
     else:
-        section["experts"] = experts_cfg
+        experts_cfg = config.section("experts", experts_cfg)
+        section["experts"] = experts_cfg.as_dict()
         stats = forgetting_counts(data_dir, embeddings_path, model_cfg, experts_cfg, seed,
-                                  device)
+                                  device, loaded=(prepared, emb))
         mean, std = image_normalisation(model_cfg["image_encoder"])
         chosen = most_forgotten(stats, budget, seed)
         extra["forgetting_score"] = [float(s) for s in stats.score[chosen]]
@@ -407,7 +307,5 @@ def select_coreset(data_dir, embeddings_path, model_cfg, kind, budget, seed, out
     ids = np.asarray(ids, dtype=np.int64)
     images, texts = real_pairs(prepared, emb, ids, mean, std)
     ps = PairSet(images, texts, ids, kind="coreset", method=kind, mean=mean, std=std)
-    from .experts import data_fingerprint
-    from .io import config_hash
     extra["data_sha256"] = config_hash(data_fingerprint(data_dir, embeddings_path))
     write_pairset(out_path, ps, provenance("pairset", section, seed=seed, **extra))

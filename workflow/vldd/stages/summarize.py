@@ -5,13 +5,9 @@ import json
 
 import pandas as pd
 
-from .errors import VlddError
-from .io import atomic_path, provenance, read_parquet_meta, write_parquet
-from .metrics import KS
-
-# The order of metrics.recall's keys (experts.METRIC_ORDER), taken from the torch-free
-# metrics module: summarize runs in envs/report.yaml, which has no torch.
-METRIC_ORDER = tuple(f"TR@{k}" for k in KS) + tuple(f"IR@{k}" for k in KS)
+from ..errors import VlddError
+from ..io import atomic_path, provenance, read_parquet_meta, write_parquet
+from ..metrics import METRIC_ORDER
 
 METHOD_ORDER = ("coreset-random", "coreset-herding", "coreset-kcenter", "coreset-forgetting")
 

@@ -1,25 +1,4 @@
-# Stage 1a/1b: the prepared store and the cached sentence embeddings.
-
-
-rule prepare_dataset:
-    input:
-        dataset_sources(),
-    output:
-        images="results/{dataset}/data/images.h5",
-        captions="results/{dataset}/data/captions.parquet",
-    log:
-        "results/logs/{dataset}/prepare_dataset.log",
-    benchmark:
-        "results/benchmarks/{dataset}/prepare_dataset.tsv"
-    conda:
-        "../../envs/vldd.yaml"
-    threads: 2
-    params:
-        cfg=lambda w: stage_json(dataset=section("dataset")),
-        out_dir=lambda w, output: str(Path(output.images).parent),
-    shell:
-        "python -m vldd --threads {threads} prepare-dataset --config-json {params.cfg:q}"
-        " --out-dir {params.out_dir:q} > {log:q} 2>&1"
+# Stage 2: the frozen text encoder over every caption, cached.
 
 
 rule embed_captions:

@@ -12,14 +12,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .data import load_prepared
-from .embed import load_embeddings
-from .errors import VlddError
-from .experts import METRIC_ORDER, RealData, data_fingerprint, train_on_real
-from .io import config_hash, provenance, write_parquet
-from .model import build_model, logit_scale, resolve_device, trunk_features
-from .pairset import check_pairset, read_pairset
-from .train import train_contrastive
+from .. import config
+from ..errors import VlddError
+from ..experts import data_fingerprint
+from ..io import config_hash, provenance, write_parquet
+from ..metrics import METRIC_ORDER
+from ..model import build_model, logit_scale, resolve_device, trunk_features
+from ..pairset import check_pairset, read_pairset
+from ..prepared import load_embeddings, load_prepared
+from ..realdata import RealData, train_on_real
+from ..train import train_contrastive
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +54,8 @@ def eval_lrs(ps, eval_cfg, path="pair set"):
     """The lrs to train on a pair set: learned ones when the set has them (and config wants
     them), else the configured default. The seed code used the image lr for both encoders.
     Refuses learned lrs that are not finite and positive (a negative lr is gradient ascent)."""
-    lr_img, lr_txt = float(eval_cfg["lr"]), float(eval_cfg["lr"])
-    learned = eval_cfg.get("use_learned_lr", True) and (
+    lr_img, lr_txt = float(eval_cfg.lr), float(eval_cfg.lr)
+    learned = eval_cfg.use_learned_lr and (
         ps.kind == "distilled" or not (math.isnan(ps.lr_image) and math.isnan(ps.lr_text)))
     if learned and not all(math.isfinite(v) and v > 0 for v in (ps.lr_image, ps.lr_text)):
         raise VlddError(f"{path}: learned lrs lr_image {ps.lr_image:.4g}, lr_text "
@@ -62,17 +64,17 @@ def eval_lrs(ps, eval_cfg, path="pair set"):
                         "evaluate with evaluate.use_learned_lr: false.")
     if learned:
         lr_img = ps.lr_image
-        lr_txt = ps.lr_image if eval_cfg.get("quirk_image_lr_for_both", False) else ps.lr_text
+        lr_txt = ps.lr_image if eval_cfg.quirk_image_lr_for_both else ps.lr_text
     return lr_img, lr_txt
 
 
-def evaluate(data_dir, embeddings_path, pairset_path, model_cfg, eval_cfg, seed, out_path,
-             dataset="", device="auto"):
-    dev = resolve_device(device)
+def _read_evaluable(pairset_path, data_dir, embeddings_path, text_cfg):
+    """The pair set, the prepared data and the embeddings, after refusing a pair set made
+    from other data or for another text encoder."""
     ps = read_pairset(pairset_path)
     check_pairset(pairset_path, ps)
     prepared = load_prepared(data_dir)
-    emb = load_embeddings(embeddings_path, data_dir, model_cfg["text_encoder"])
+    emb = load_embeddings(embeddings_path, data_dir, text_cfg)
     theirs = ps.attrs.get("data_sha256")
     if theirs is not None and theirs != config_hash(data_fingerprint(data_dir, embeddings_path)):
         raise VlddError(f"{pairset_path}: made from other data than {data_dir} with "
@@ -82,6 +84,18 @@ def evaluate(data_dir, embeddings_path, pairset_path, model_cfg, eval_cfg, seed,
         raise VlddError(f"{pairset_path}: text embeddings of size {ps.texts.shape[1]}, but the "
                         f"text encoder gives {emb.shape[1]}. Evaluate with the encoder it was "
                         "made for.")
+    return ps, prepared, emb
+
+
+def evaluate(data_dir, embeddings_path, pairset_path, model_section, eval_cfg, seed, out_path,
+             dataset="", device="auto"):
+    """Train a fresh model on the pair set and write its test retrieval to out_path (the
+    sections are vldd.config's typed objects)."""
+    model_section = config.section("model", model_section)
+    model_cfg, eval_cfg = model_section.as_dict(), config.section("evaluate", eval_cfg)
+    dev = resolve_device(device)
+    ps, prepared, emb = _read_evaluable(pairset_path, data_dir, embeddings_path,
+                                        model_cfg["text_encoder"])
     model = build_model(model_cfg, emb.shape[1], seed).to(dev)
     images = renormalise(ps.images, ps.mean, ps.std, model.tower.mean, model.tower.std)
     feats = trunk_features(model.tower, images, dev, normalized=True)
@@ -89,27 +103,27 @@ def evaluate(data_dir, embeddings_path, pairset_path, model_cfg, eval_cfg, seed,
     lr_img, lr_txt = eval_lrs(ps, eval_cfg, pairset_path)
     n = ps.budget
     test = RealData(prepared, emb, model, "test", dev)
-    epochs = int(eval_cfg["epochs"])
+    epochs = int(eval_cfg.epochs)
     best = {"epoch": None, "metrics": None}
 
     def keep_best(epoch, _loss=None):
         """The seed code's model selection on the test split: test every k epochs (and
         before training), report the checkpoint with the best mean recall."""
-        every = int(eval_cfg.get("quirk_test_every", 10))
+        every = int(eval_cfg.quirk_test_every)
         if epoch % every and epoch != epochs:
             return
         m = test.recall(model)
         if best["metrics"] is None or r_mean(m) > r_mean(best["metrics"]):
             best.update(epoch=epoch, metrics=m)
 
-    quirk_best = bool(eval_cfg.get("quirk_best_test_checkpoint", False))
+    quirk_best = bool(eval_cfg.quirk_best_test_checkpoint)
     if quirk_best:
         keep_best(0)
     train_contrastive(model, feats, texts, torch.arange(n), torch.arange(n),
                       epochs=epochs, lr_image=lr_img, lr_text=lr_txt,
-                      momentum=float(eval_cfg["momentum"]),
-                      weight_decay=float(eval_cfg["weight_decay"]),
-                      batch_size=int(eval_cfg["batch_size"]), logit_scale=logit_scale(model_cfg),
+                      momentum=float(eval_cfg.momentum),
+                      weight_decay=float(eval_cfg.weight_decay),
+                      batch_size=int(eval_cfg.batch_size), logit_scale=logit_scale(model_cfg),
                       seed=seed, on_epoch_end=keep_best if quirk_best else None,
                       progress=f"evaluate {ps.kind}-{ps.method} n{n} seed {seed}")
     if quirk_best:
@@ -119,16 +133,19 @@ def evaluate(data_dir, embeddings_path, pairset_path, model_cfg, eval_cfg, seed,
     log.info("%s %s n=%d seed=%d epoch %d: %s", ps.kind, ps.method, n, seed, reported,
              " ".join(f"{k}={metrics[k]:.2f}" for k in METRIC_ORDER))
     method = f"{'distilled' if ps.kind == 'distilled' else 'coreset'}-{ps.method}"
-    df = _frame(metrics, dataset, method, n, seed, "evaluate", model_cfg.get("name", ""))
+    df = _frame(metrics, dataset, method, n, seed, "evaluate", model_section.name)
     df["lr_image"], df["lr_text"] = lr_img, lr_txt
     df["epoch"] = reported
-    write_parquet(df, out_path, meta=provenance("eval", {"model": model_cfg, "evaluate": eval_cfg},
-                                                 seed=seed, pairset=str(pairset_path)))
+    prov = provenance("eval", {"model": model_cfg, "evaluate": eval_cfg.as_dict()}, seed=seed,
+                      pairset=str(pairset_path))
+    write_parquet(df, out_path, meta=prov)
 
 
-def train_full(data_dir, embeddings_path, model_cfg, full_cfg, seed, out_path, dataset="",
+def train_full(data_dir, embeddings_path, model_section, full_cfg, seed, out_path, dataset="",
                device="auto"):
     """The upper bound: the same loop on all training pairs."""
+    model_section = config.section("model", model_section)
+    model_cfg, full_cfg = model_section.as_dict(), config.section("full", full_cfg)
     dev = resolve_device(device)
     prepared = load_prepared(data_dir)
     emb = load_embeddings(embeddings_path, data_dir, model_cfg["text_encoder"])
@@ -138,6 +155,7 @@ def train_full(data_dir, embeddings_path, model_cfg, full_cfg, seed, out_path, d
     metrics = RealData(prepared, emb, model, "test", dev).recall(model)
     log.info("full data seed=%d: %s", seed, " ".join(f"{k}={metrics[k]:.2f}" for k in METRIC_ORDER))
     df = _frame(metrics, dataset, "full", len(train), seed, "train_full",
-                model_cfg.get("name", ""))
-    write_parquet(df, out_path, meta=provenance("eval", {"model": model_cfg, "full": full_cfg},
+                model_section.name)
+    write_parquet(df, out_path, meta=provenance("eval", {"model": model_cfg,
+                                                         "full": full_cfg.as_dict()},
                                                  seed=seed))

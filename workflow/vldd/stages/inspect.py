@@ -6,8 +6,8 @@ from pathlib import Path
 
 import h5py
 
-from .errors import VlddError
-from .io import read_parquet_meta
+from ..errors import VlddError
+from ..io import read_parquet_meta
 
 
 def _fmt(value) -> str:

@@ -10,20 +10,27 @@ import logging
 
 import numpy as np
 
-from .encoders import build_text_encoder, embed_texts, text_spec
-from .errors import VlddError
-from .io import config_hash, h5_dataset, h5_writer, open_h5, provenance, sha256_file
-from .model import resolve_device
-from .progress import Progress, quiet_library_bars
+from .. import config
+from ..config import text_spec
+from ..encoders import build_text_encoder, embed_texts
+from ..errors import VlddError
+from ..io import config_hash, h5_dataset, h5_writer, open_h5, provenance, sha256_file
+from ..model import resolve_device
+from ..progress import Progress, quiet_library_bars
 
 log = logging.getLogger(__name__)
 
 
-def embed_captions(data_dir, text_cfg: dict, out_path, device="auto", batch_size=256):
+def embed_captions(data_dir, text_encoder, out_path, device="auto", batch_size=256):
+    """Embed every caption of the prepared store with the frozen text encoder
+    (model.text_encoder, a vldd.config typed section) into out_path."""
     from pathlib import Path
 
     import pandas as pd
 
+    if isinstance(text_encoder, dict):
+        text_encoder = config.typed("model.text_encoder", text_encoder)
+    text_cfg = text_encoder.as_dict()
     captions_path = Path(data_dir) / "captions.parquet"
     if not captions_path.exists():
         raise VlddError(f"{captions_path}: not found. Run prepare_dataset first.")
@@ -36,7 +43,7 @@ def embed_captions(data_dir, text_cfg: dict, out_path, device="auto", batch_size
     tower = build_text_encoder(text_cfg)
     dev = resolve_device(device)
     n_unique = captions["caption"].nunique()
-    bar = Progress(n_unique, f"embed_captions {text_cfg.get('name', '')}", unit="caption", log=log)
+    bar = Progress(n_unique, f"embed_captions {text_encoder.name}", unit="caption", log=log)
     emb = embed_texts(tower, captions["caption"].tolist(), batch_size, dev, bar.update)
     attrs = provenance("embeddings", text_spec(text_cfg), captions_sha256=sha256_file(captions_path),
                        n_captions=len(captions), dim=int(emb.shape[1]))
@@ -46,23 +53,3 @@ def embed_captions(data_dir, text_cfg: dict, out_path, device="auto", batch_size
              out_path, emb.shape[1])
 
 
-def load_embeddings(path, data_dir, text_cfg: dict | None = None) -> np.ndarray:
-    """The cached embeddings, after checking that they belong to this caption file (and,
-    given `text_cfg`, to this text encoder)."""
-    from pathlib import Path
-
-    captions_path = Path(data_dir) / "captions.parquet"
-    with open_h5(path, "embeddings") as f:
-        want = sha256_file(captions_path)
-        if f.attrs.get("captions_sha256") != want:
-            raise VlddError(f"{path}: computed from another captions file than {captions_path} "
-                            "(stale cache). Delete it and rerun embed_captions.")
-        if text_cfg is not None and f.attrs.get("config_sha256") != config_hash(text_spec(text_cfg)):
-            raise VlddError(f"{path}: computed with another text encoder than "
-                            f"model.text_encoder = {text_cfg} (stale cache). Delete it and rerun "
-                            "embed_captions.")
-        try:
-            return f["embeddings"][()]
-        except (KeyError, OSError) as exc:
-            raise VlddError(f"{path}: damaged embeddings ({exc}). Delete it and rerun "
-                            "embed_captions.") from exc

@@ -12,36 +12,26 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
-import unicodedata
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, is_dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
-from . import io
-from .errors import VlddError
-from .progress import Progress
+from .. import config, io
+from ..captions import is_blank, pre_caption
+from ..errors import VlddError
+from ..prepared import CAPTION_COLUMNS, SPLIT_CODE, SPLITS
+from ..progress import Progress
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
-SPLIT_CODE = {"train": 0, "val": 1, "test": 2, "restval": 0}  # restval is training data
-CAPTION_COLUMNS = ["caption_id", "image_index", "split", "caption", "raw"]
 CHUNK = 64  # images per HDF5 chunk and per decoding block
 MAX_RESOLUTION = 1024
-
-
-def pre_caption(text: str, max_words: int = 30) -> str:
-    """BLIP's caption cleaning: lower-case, drop . ! " ( ) * # : ; ~, collapse spaces, cut."""
-    text = re.sub(r"[.!\"()*#:;~]", " ", str(text).lower())
-    words = text.split()
-    return " ".join(words[:max_words])
 
 
 @dataclass
@@ -95,14 +85,6 @@ def _str_field(entry, key: str, where: str, fix: str) -> str:
                         f"({entry[key][exc.start:exc.end]!r}, a lone surrogate): fix the "
                         "annotation file's text.") from exc
     return entry[key]
-
-
-# Characters that show nothing: controls, zero-width/format characters, separators.
-_INVISIBLE = ("Cc", "Cf", "Cs", "Zs", "Zl", "Zp")
-
-
-def is_blank(text: str) -> bool:
-    return all(unicodedata.category(ch) in _INVISIBLE for ch in text)
 
 
 # ---------------------------------------------------------------- sources
@@ -176,7 +158,7 @@ def _blip_items(section: dict) -> list[_Item]:
 
 
 def _synthetic(section: dict, resolution: int):
-    from . import synthetic
+    from .. import synthetic
 
     where = "dataset.synthetic"
     n_train = _int(section, "n_train", where, 1)
@@ -254,30 +236,26 @@ def _check_distinct(table: pd.DataFrame, items) -> None:
 
 # ---------------------------------------------------------------- prepare
 
-def prepare_dataset(cfg: dict, out_dir) -> None:
-    """Write out_dir/images.h5 and out_dir/captions.parquet from the `dataset` config section."""
-    if not isinstance(cfg, dict):
-        raise VlddError("config 'dataset' must be a mapping with at least 'source'.")
-    source = cfg.get("source")
+def _items(cfg: dict):
+    """(images in memory or None, the list of items) of the configured source."""
+    source = cfg["source"]
     resolution = _int(cfg, "resolution", "dataset", 1)
     if resolution > MAX_RESOLUTION:
         raise VlddError(f"config dataset.resolution = {resolution}: at most {MAX_RESOLUTION} "
                         "(stored images grow with its square); the paper uses 224.")
-    max_words = _int({"max_words": cfg.get("max_words", 30)}, "max_words", "dataset", 1)
-    images = None
     if source == "synthetic":
-        images, items = _synthetic(cfg.get("synthetic") or {}, resolution)
-    elif source == "karpathy":
-        items = _karpathy_items(cfg.get("karpathy") or {})
-    elif source == "blip":
-        items = _blip_items(cfg.get("blip") or {})
-    else:
-        raise VlddError(f"config dataset.source = {source!r}: unknown source. Use one of "
-                        "synthetic, karpathy, blip.")
+        return _synthetic(cfg["synthetic"], resolution)
+    if source == "karpathy":
+        return None, _karpathy_items(cfg["karpathy"])
+    if source == "blip":
+        return None, _blip_items(cfg["blip"])
+    raise VlddError(f"config dataset.source = {source!r}: unknown source. Use one of "
+                    "synthetic, karpathy, blip.")
 
-    # Everything checkable without decoding images is checked before any output exists.
-    order = sorted(range(len(items)), key=lambda i: SPLIT_CODE[items[i].split])  # stable
-    items = [items[i] for i in order]
+
+def _caption_table(items, max_words: int, source: str) -> pd.DataFrame:
+    """The captions table (CAPTION_COLUMNS), after every check that needs no image decoded:
+    both splits present, no duplicate image, every image file there, no empty caption."""
     for split in ("train", "test"):
         if not any(it.split == split for it in items):
             raise VlddError(f"dataset ({source}): no {split} images. Check the annotation "
@@ -302,14 +280,26 @@ def prepare_dataset(cfg: dict, out_dir) -> None:
     _check_distinct(table, items)
     table.insert(0, "caption_id", np.arange(len(table), dtype=np.int64))
     table["image_index"] = table["image_index"].astype(np.int64)
+    return table
 
+
+def prepare_dataset(dataset, out_dir) -> None:
+    """Write out_dir/images.h5 and out_dir/captions.parquet from the `dataset` config section
+    (vldd.config's typed object, or a dict)."""
+    if not isinstance(dataset, dict) and not is_dataclass(dataset):
+        raise VlddError("config 'dataset' must be a mapping with at least 'source'.")
+    cfg = config.section("dataset", dataset).as_dict()
+    images, items = _items(cfg)
+    source, resolution = cfg["source"], cfg["resolution"]
+    max_words = _int(cfg, "max_words", "dataset", 1)
+    order = sorted(range(len(items)), key=lambda i: SPLIT_CODE[items[i].split])  # stable
+    items = [items[i] for i in order]
+    table = _caption_table(items, max_words, source)
     if images is not None:
         images = images[order]
         load = lambda i: images[i]  # noqa: E731
     else:
         load = lambda i: _load_image(items[i], resolution)  # noqa: E731
-    n = len(items)
-    prov = io.provenance("images", cfg, source=source, resolution=resolution)
     out_dir = Path(out_dir)
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -319,20 +309,7 @@ def prepare_dataset(cfg: dict, out_dir) -> None:
     stage = Path(tempfile.mkdtemp(prefix=f".prepare-{os.getpid()}-", dir=out_dir))
     done = False
     try:
-        with io.h5_writer(stage / "images.h5", prov) as f, \
-                ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            # Streamed block by block (a full COCO does not fit in memory), so this one
-            # dataset is made directly, with h5_dataset's track_times=False.
-            dset = f.create_dataset("images", shape=(n, resolution, resolution, 3),
-                                    dtype=np.uint8, chunks=(min(CHUNK, n), resolution,
-                                                            resolution, 3), track_times=False)
-            bar = Progress(n, f"prepare_dataset {cfg.get('name', source)}", unit="image", log=log)
-            for start in range(0, n, CHUNK):
-                block = list(pool.map(load, range(start, min(n, start + CHUNK))))
-                dset[start:start + len(block)] = np.stack(block)
-                bar.update(len(block))
-            io.h5_dataset(f, "split", np.array([SPLIT_CODE[it.split] for it in items], np.uint8))
-            io.h5_dataset(f, "filename", io.as_str_array([it.filename for it in items]))
+        _write_images(stage / "images.h5", cfg, items, load)
         io.write_parquet(table, stage / "captions.parquet",
                          meta=io.provenance("captions", cfg, source=source,
                                             resolution=resolution))
@@ -349,69 +326,25 @@ def prepare_dataset(cfg: dict, out_dir) -> None:
             out_dir.rmdir()
 
 
+def _write_images(path: Path, cfg: dict, items, load) -> None:
+    """images.h5, streamed block by block (a full COCO does not fit in memory), so the images
+    dataset is made directly, with h5_dataset's track_times=False."""
+    n, resolution = len(items), cfg["resolution"]
+    prov = io.provenance("images", cfg, source=cfg["source"], resolution=resolution)
+    with io.h5_writer(path, prov) as f, \
+            ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        dset = f.create_dataset("images", shape=(n, resolution, resolution, 3),
+                                dtype=np.uint8, chunks=(min(CHUNK, n), resolution,
+                                                        resolution, 3), track_times=False)
+        bar = Progress(n, f"prepare_dataset {cfg['name']}", unit="image", log=log)
+        for start in range(0, n, CHUNK):
+            block = list(pool.map(load, range(start, min(n, start + CHUNK))))
+            dset[start:start + len(block)] = np.stack(block)
+            bar.update(len(block))
+        io.h5_dataset(f, "split", np.array([SPLIT_CODE[it.split] for it in items], np.uint8))
+        io.h5_dataset(f, "filename", io.as_str_array([it.filename for it in items]))
+
+
 # ---------------------------------------------------------------- load
 
-@dataclass
-class Prepared:
-    """A prepared dataset held in memory."""
-    images: np.ndarray        # uint8 [N, H, W, 3]
-    image_split: np.ndarray   # str per image: train / val / test
-    captions: pd.DataFrame    # CAPTION_COLUMNS, ordered by image then caption
-    filenames: np.ndarray = field(default_factory=lambda: np.array([], dtype=object))
 
-    def split_images(self, split: str) -> np.ndarray:
-        """Indices (ascending) of the images of `split`; empty if the split has none."""
-        if split not in SPLITS:
-            raise VlddError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}.")
-        return np.flatnonzero(self.image_split == split).astype(np.int64)
-
-    def split_captions(self, split: str) -> pd.DataFrame:
-        if split not in SPLITS:
-            raise VlddError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}.")
-        return self.captions[self.captions["split"] == split].reset_index(drop=True)
-
-    def retrieval_maps(self, split: str):
-        """(image_indices, caption_ids, txt2img): txt2img[t] is the position within
-        image_indices of the image of the split's t-th caption."""
-        image_indices = self.split_images(split)
-        caps = self.split_captions(split)
-        caption_ids = caps["caption_id"].to_numpy(np.int64)
-        txt2img = np.searchsorted(image_indices, caps["image_index"].to_numpy(np.int64))
-        return image_indices, caption_ids, txt2img.astype(np.int64)
-
-
-def load_prepared(data_dir) -> Prepared:
-    """Read a store written by prepare_dataset, checking that its two files belong together."""
-    data_dir = Path(data_dir)
-    h5_path, cap_path = data_dir / "images.h5", data_dir / "captions.parquet"
-    fix = "Delete the data folder and rerun the prepare stage."
-    with io.open_h5(h5_path, expected_schema="images") as f:
-        try:
-            images = f["images"][:]
-            codes = f["split"][:]
-            filenames = np.asarray(f["filename"].asstr()[:], dtype=object)
-        except (KeyError, OSError, TypeError) as exc:
-            raise VlddError(f"{h5_path}: missing or damaged dataset ({exc}). {fix}") from exc
-        images_hash = f.attrs.get("config_sha256", "")
-    n = len(images)
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3 \
-            or codes.shape != (n,) or filenames.shape != (n,) or codes.max(initial=0) > 2:
-        raise VlddError(f"{h5_path}: images/split/filename do not match the vldd layout. {fix}")
-    if not cap_path.is_file():
-        raise VlddError(f"{cap_path}: file not found. {fix}")
-    try:
-        captions = pd.read_parquet(cap_path)
-        meta = io.read_parquet_meta(cap_path)
-    except Exception as exc:  # pyarrow raises several types for a damaged file
-        raise VlddError(f"{cap_path}: not a readable Parquet file ({exc}). {fix}") from exc
-    if list(captions.columns) != CAPTION_COLUMNS:
-        raise VlddError(f"{cap_path}: columns {list(captions.columns)}, expected "
-                        f"{CAPTION_COLUMNS}. {fix}")
-    if meta.get("config_sha256") != images_hash:
-        raise VlddError(f"{cap_path} and {h5_path} come from different prepare runs. {fix}")
-    image_split = np.array(SPLITS)[codes]
-    idx = captions["image_index"].to_numpy(np.int64)
-    if len(idx) and (idx.min() < 0 or idx.max() >= n
-                     or (image_split[idx] != captions["split"].to_numpy()).any()):
-        raise VlddError(f"{cap_path}: image_index/split disagree with {h5_path}. {fix}")
-    return Prepared(images, image_split, captions, filenames)

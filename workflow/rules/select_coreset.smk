@@ -1,4 +1,4 @@
-# Stage 3': coreset baselines, n real pairs chosen by a rule (config/README.md, `coresets`).
+# Stage 4': coreset baselines, n real pairs chosen by a rule (config/README.md, `coresets`).
 # random needs only the data; herding and kcenter embed the pairs with expert 0's final
 # parameters; forgetting trains one model with the experts' settings (a GPU job, as they are).
 

@@ -1,0 +1,105 @@
+"""The prepared store as the stages read it: images.h5 + captions.parquet (written by the
+prepare_dataset stage) and the cached caption embeddings (written by embed_captions), each
+checked against the files it must belong with."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import io
+from .errors import VlddError
+from .config import text_spec
+from .io import config_hash, open_h5, sha256_file
+
+SPLITS = ("train", "val", "test")
+SPLIT_CODE = {"train": 0, "val": 1, "test": 2, "restval": 0}  # restval is training data
+CAPTION_COLUMNS = ["caption_id", "image_index", "split", "caption", "raw"]
+
+
+@dataclass
+class Prepared:
+    """A prepared dataset held in memory."""
+    images: np.ndarray        # uint8 [N, H, W, 3]
+    image_split: np.ndarray   # str per image: train / val / test
+    captions: pd.DataFrame    # CAPTION_COLUMNS, ordered by image then caption
+    filenames: np.ndarray = field(default_factory=lambda: np.array([], dtype=object))
+
+    def split_images(self, split: str) -> np.ndarray:
+        """Indices (ascending) of the images of `split`; empty if the split has none."""
+        if split not in SPLITS:
+            raise VlddError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}.")
+        return np.flatnonzero(self.image_split == split).astype(np.int64)
+
+    def split_captions(self, split: str) -> pd.DataFrame:
+        if split not in SPLITS:
+            raise VlddError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}.")
+        return self.captions[self.captions["split"] == split].reset_index(drop=True)
+
+    def retrieval_maps(self, split: str):
+        """(image_indices, caption_ids, txt2img): txt2img[t] is the position within
+        image_indices of the image of the split's t-th caption."""
+        image_indices = self.split_images(split)
+        caps = self.split_captions(split)
+        caption_ids = caps["caption_id"].to_numpy(np.int64)
+        txt2img = np.searchsorted(image_indices, caps["image_index"].to_numpy(np.int64))
+        return image_indices, caption_ids, txt2img.astype(np.int64)
+
+
+def load_prepared(data_dir) -> Prepared:
+    """Read a store written by prepare_dataset, checking that its two files belong together."""
+    data_dir = Path(data_dir)
+    h5_path, cap_path = data_dir / "images.h5", data_dir / "captions.parquet"
+    fix = "Delete the data folder and rerun the prepare stage."
+    with io.open_h5(h5_path, expected_schema="images") as f:
+        try:
+            images = f["images"][:]
+            codes = f["split"][:]
+            filenames = np.asarray(f["filename"].asstr()[:], dtype=object)
+        except (KeyError, OSError, TypeError) as exc:
+            raise VlddError(f"{h5_path}: missing or damaged dataset ({exc}). {fix}") from exc
+        images_hash = f.attrs.get("config_sha256", "")
+    n = len(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3 \
+            or codes.shape != (n,) or filenames.shape != (n,) or codes.max(initial=0) > 2:
+        raise VlddError(f"{h5_path}: images/split/filename do not match the vldd layout. {fix}")
+    if not cap_path.is_file():
+        raise VlddError(f"{cap_path}: file not found. {fix}")
+    try:
+        captions = pd.read_parquet(cap_path)
+        meta = io.read_parquet_meta(cap_path)
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise VlddError(f"{cap_path}: not a readable Parquet file ({exc}). {fix}") from exc
+    if list(captions.columns) != CAPTION_COLUMNS:
+        raise VlddError(f"{cap_path}: columns {list(captions.columns)}, expected "
+                        f"{CAPTION_COLUMNS}. {fix}")
+    if meta.get("config_sha256") != images_hash:
+        raise VlddError(f"{cap_path} and {h5_path} come from different prepare runs. {fix}")
+    image_split = np.array(SPLITS)[codes]
+    idx = captions["image_index"].to_numpy(np.int64)
+    if len(idx) and (idx.min() < 0 or idx.max() >= n
+                     or (image_split[idx] != captions["split"].to_numpy()).any()):
+        raise VlddError(f"{cap_path}: image_index/split disagree with {h5_path}. {fix}")
+    return Prepared(images, image_split, captions, filenames)
+
+
+def load_embeddings(path, data_dir, text_cfg: dict | None = None) -> np.ndarray:
+    """The cached embeddings, after checking that they belong to this caption file (and,
+    given `text_cfg`, to this text encoder)."""
+    captions_path = Path(data_dir) / "captions.parquet"
+    with open_h5(path, "embeddings") as f:
+        want = sha256_file(captions_path)
+        if f.attrs.get("captions_sha256") != want:
+            raise VlddError(f"{path}: computed from another captions file than {captions_path} "
+                            "(stale cache). Delete it and rerun embed_captions.")
+        if text_cfg is not None and f.attrs.get("config_sha256") != config_hash(text_spec(text_cfg)):
+            raise VlddError(f"{path}: computed with another text encoder than "
+                            f"model.text_encoder = {text_cfg} (stale cache). Delete it and rerun "
+                            "embed_captions.")
+        try:
+            return f["embeddings"][()]
+        except (KeyError, OSError) as exc:
+            raise VlddError(f"{path}: damaged embeddings ({exc}). Delete it and rerun "
+                            "embed_captions.") from exc

@@ -1,0 +1,321 @@
+"""distill: bi-trajectory matching (Wu et al., TMLR 2024).
+
+Each iteration starts a student at an expert's parameters theta*_s, takes `syn_steps` SGD
+steps on mini-batches of the distilled pairs with the learnable lrs and measures how close it
+lands to theta*_{s+R}:
+
+    L = |theta_img - theta*_img,s+R|^2 / |theta*_img,s - theta*_img,s+R|^2  + (same for text)
+
+The gradient of L w.r.t. the pixels, the text embeddings and the lrs comes from the engine
+that `distill.engine` names (vldd.engines): exact backpropagation through all steps by
+default, or the checkpointed (exact, less memory), constant-memory (TESLA, approximate) or
+heads-only (image encoder frozen) engines. The student is one module evaluated with
+torch.func.functional_call on flat parameter vectors; the frozen image trunk runs on the
+distilled pixels once per iteration.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .. import config
+from ..checkpoint import load_distiller, save_distiller
+from ..engines import EngineOptions, apply_backend, check_engine, meta_gradient
+from ..errors import VlddError
+from ..experts import data_fingerprint, load_experts
+from ..io import config_hash, open_h5, provenance, write_parquet
+from ..model import build_model, logit_scale, resolve_device
+from ..pairset import PairSet, random_pairs, write_pairset
+from ..prepared import load_embeddings, load_prepared
+from ..progress import Progress
+from ..realdata import real_pairs
+from ..train import train_mode
+
+log = logging.getLogger(__name__)
+
+# Noise initialisation statistics of the seed code (normalised pixels, BERT [CLS] space).
+NOISE_IMAGE = ((-0.0626, -0.0221, 0.0680), (1.0451, 1.0752, 1.0539))
+
+
+# The curve: one row per iteration. term_*: each encoder's normalised matching term;
+# grad_*: the norm of the meta-gradient of the pixels, the texts and each lr; step_*: the
+# update of the pixels / texts relative to their norm.
+DIAGNOSTICS = ["term_image", "term_text", "grad_images", "grad_texts", "grad_lr_image",
+               "grad_lr_text", "step_images", "step_texts"]
+CURVE_COLUMNS = ["iteration", "matching_loss", "lr_image", "lr_text", "expert",
+                 "start_epoch"] + DIAGNOSTICS
+
+
+def _norm(t):
+    return float("nan") if t is None else float(t.detach().float().norm())
+
+
+def _diagnostics(terms, grads, before, after):
+    out = [float(terms[g]) if g in terms else float("nan") for g in ("image", "text")]
+    out += [_norm(g) for g in grads]
+    out += [_norm(a - b) / max(_norm(b), 1e-12) for a, b in zip(after, before)]
+    return out
+
+
+def _optimizer(cfg, params, lr):
+    """The optimiser of one kind of distilled tensor (pixels, texts or the lrs):
+    distill.optimizer sgd (with distill.momentum, as the seed code) or adam (per-element
+    steps of about lr whatever the gradient's scale)."""
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=(float(cfg.momentum), 0.999))
+    return torch.optim.SGD(params, lr=lr, momentum=float(cfg.momentum))
+
+
+def initial_pairs(prepared, emb, budget, cfg, tower):
+    """(caption ids, images, texts) the distilled set starts from: random real pairs, or
+    noise per modality (distill.init; caption ids -1 for noise images)."""
+    ids = random_pairs(prepared, budget, cfg.seed, where="distill budget")
+    images, texts = real_pairs(prepared, emb, ids, tower.mean, tower.std)
+    g = torch.Generator().manual_seed(cfg.seed)
+    images, texts = torch.as_tensor(images), torch.as_tensor(texts)
+    if cfg.init.image == "noise":
+        m = torch.tensor(NOISE_IMAGE[0]).view(1, 3, 1, 1)
+        s = torch.tensor(NOISE_IMAGE[1]).view(1, 3, 1, 1)
+        images = torch.randn(images.shape, generator=g) * s + m
+        ids = np.full_like(ids, -1)
+    if cfg.init.text == "noise":
+        texts = torch.randn(texts.shape, generator=g) * texts.std() + texts.mean()
+    return ids, images, texts
+
+
+class Distiller:
+    """The state of one distillation run: data, lrs, optimisers, rngs; checkpointable
+    (vldd.checkpoint.save_distiller / load_distiller)."""
+
+    def __init__(self, data_dir, embeddings_path, expert_paths, model_cfg, cfg, budget, device):
+        model_cfg = config.section("model", model_cfg).as_dict()
+        cfg = config.section("distill", cfg)
+        self.cfg, self.model_cfg, self.budget = cfg, model_cfg, int(budget)
+        self.dev = resolve_device(device)
+        prepared = load_prepared(data_dir)
+        emb = load_embeddings(embeddings_path, data_dir, model_cfg["text_encoder"])
+        self.engine = cfg.engine
+        check_engine(self.engine)
+        self.opts = EngineOptions.from_config(cfg.as_dict())
+        self.model = build_model(model_cfg, emb.shape[1], cfg.seed).to(self.dev)
+        apply_backend(self.opts, self.model, self.dev)
+        self.layouts = self.model.layouts()
+        self.experts = load_experts(expert_paths, data_dir, embeddings_path, model_cfg, cfg,
+                                    self.layouts)
+        tower = self.model.tower
+        self.mean, self.std = tower.mean, tower.std
+        ids, images, texts = initial_pairs(prepared, emb, self.budget, cfg, tower)
+        self.caption_ids = ids
+        self.init_images, self.init_texts = images.clone(), texts.clone()
+        self.images = images.to(self.dev).requires_grad_(True)
+        self.texts = texts.to(self.dev).requires_grad_(True)
+        # the learnable student lrs: the lrs themselves (linear) or their logarithms (log)
+        self.lr_space = cfg.lr_space
+        raw = math.log(cfg.lr_init) if self.lr_space == "log" else float(cfg.lr_init)
+        self.lr_params = [torch.tensor(raw, device=self.dev, requires_grad=True)
+                          for _ in range(2)]
+        self.optimizers = [_optimizer(cfg, [self.images], float(cfg.lr_image)),
+                           _optimizer(cfg, [self.texts], float(cfg.lr_text)),
+                           _optimizer(cfg, self.lr_params, float(cfg.lr_lr))]
+        self.learn = {"image": cfg.learn_images, "text": cfg.learn_texts, "lr": cfg.learn_lr}
+        self.rng = np.random.default_rng(cfg.seed)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # dropout inside the unroll
+        self.order, self.curve, self.iteration = [], [], 0
+        # distill.select best: the data (and lrs) at the end of the window of `select_window`
+        # iterations with the lowest mean matching loss, kept as the run goes
+        self.window = int(cfg.select_window or max(1, int(cfg.iterations) // 10))
+        self.best = None
+
+    @property
+    def lr_img(self):
+        return self._lr(0)
+
+    @property
+    def lr_txt(self):
+        return self._lr(1)
+
+    def _lr(self, i):
+        p = self.lr_params[i].detach()
+        return p.exp() if self.lr_space == "log" else p
+
+    def _next_expert(self):
+        if not self.order:
+            self.order = list(self.rng.permutation(len(self.experts)))
+        return int(self.order.pop(0))
+
+    def _segment(self):
+        """One (expert, start epoch) segment: its matching loss, per-encoder terms and the
+        meta-gradients of pixels, texts and the two lrs (w.r.t. the lrs themselves)."""
+        cfg = self.cfg
+        e = self._next_expert()
+        start = int(self.rng.integers(0, int(cfg.max_start_epoch)))
+        target_epoch = start + int(cfg.expert_epochs)
+        rows = {g: self.experts[e].rows(g, start, target_epoch) for g in ("image", "text")}
+        theta0 = {g: rows[g][0].to(self.dev) for g in rows}
+        target = {g: rows[g][1].to(self.dev) for g in rows}
+        lrs = [self._lr(i).clone().requires_grad_(True) for i in range(2)]
+        terms = {}
+        loss, grads = meta_gradient(
+            self.engine, self.model, self.layouts, theta0, target, self.images, self.texts,
+            lrs[0], lrs[1], syn_steps=int(cfg.syn_steps), mini_batch=int(cfg.mini_batch),
+            scale=logit_scale(self.model_cfg, inner_loop=True), gen=self.gen, opts=self.opts,
+            terms=terms)
+        return e, start, float(loss), terms, grads
+
+    def meta_gradient(self):
+        """The matching loss, per-encoder terms and meta-gradients (pixels, texts, the two
+        lrs; w.r.t. the lrs' parameters) averaged over distill.segments segments, and the
+        (expert, start epoch) of the last."""
+        n = int(self.cfg.segments)
+        value, terms, grads = 0.0, {}, [None] * 4
+        for _ in range(n):
+            e, start, loss, t, g = self._segment()
+            value += loss / n
+            for k, v in t.items():
+                terms[k] = terms.get(k, 0.0) + v / n
+            grads = [a if b is None else (b / n if a is None else a + b / n)
+                     for a, b in zip(grads, g)]
+        if self.lr_space == "log":   # d/dlog(lr) = lr * d/dlr
+            grads[2:] = [None if g is None else g * self._lr(i) for i, g in enumerate(grads[2:])]
+        return value, terms, grads, (e, start)
+
+    def iterate(self, checkpoint_kept: bool = False) -> float:
+        """One iteration of the paper's loop: sample expert segments, take the meta-gradient
+        of the matching loss, update the pixels, texts and lrs, log. Returns the loss."""
+        train_mode(self.model)
+        loss, terms, grads, where = self.meta_gradient()
+        if not np.isfinite(loss):
+            raise self.diverged(loss, checkpoint_kept)
+        before = self.step(grads)
+        self.record(loss, terms, grads, before, where)
+        return loss
+
+    def diverged(self, loss, checkpoint_kept: bool) -> VlddError:
+        return VlddError(
+            f"distillation diverged at iteration {self.iteration}: matching loss {loss}, "
+            f"lr_image {float(self.lr_img):.4g}, lr_text {float(self.lr_txt):.4g}. Lower "
+            "distill.lr_image / lr_text / lr_lr, or syn_steps."
+            + (" The last checkpoint is kept." if checkpoint_kept else ""))
+
+    def step(self, grads):
+        """One optimiser step of the learned tensors (those distill.learn_* leaves on); the
+        lrs kept at or above distill.lr_min. Returns (pixels, texts, lrs) before the step."""
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        for p, g in zip((self.images, self.texts, *self.lr_params), grads):
+            p.grad = g
+        before = (self.images.detach().clone(), self.texts.detach().clone(),
+                  [float(self._lr(i)) for i in range(2)])
+        for opt, learn in zip(self.optimizers, ("image", "text", "lr")):
+            if self.learn[learn]:
+                opt.step()
+        lr_min = self.cfg.lr_min
+        if self.learn["lr"] and lr_min is not None:
+            # the seed code lets lrs go negative; a floor keeps them usable
+            floor = math.log(float(lr_min)) if self.lr_space == "log" else float(lr_min)
+            with torch.no_grad():
+                for p in self.lr_params:
+                    p.clamp_(min=floor)
+        return before
+
+    def record(self, loss, terms, grads, before, where):
+        """The curve's row of this iteration; with select best, the best window so far."""
+        diag = _diagnostics(terms, grads, before[:2], (self.images.detach(),
+                                                       self.texts.detach()))
+        self.curve.append((self.iteration, loss, float(self.lr_img), float(self.lr_txt),
+                           *where, *diag))
+        if self.cfg.select == "best" and len(self.curve) >= self.window:
+            mean = float(np.mean([row[1] for row in self.curve[-self.window:]]))
+            if self.best is None or mean < self.best["loss"]:
+                # the state this iteration was scored with, the last of the window
+                self.best = {"loss": mean, "iteration": self.iteration,
+                             "images": before[0].cpu().numpy(),
+                             "texts": before[1].cpu().numpy(), "lrs": before[2]}
+        self.iteration += 1
+
+    def chosen(self):
+        """(images, texts, [lr_image, lr_text], iteration) of the data to save: the last state,
+        or with select best the best window's (the last state while no window is complete)."""
+        if self.cfg.select == "best" and self.best is not None:
+            b = self.best
+            return b["images"], b["texts"], b["lrs"], b["iteration"]
+        return (self.images.detach().cpu().numpy(), self.texts.detach().cpu().numpy(),
+                [float(self.lr_img), float(self.lr_txt)], self.iteration)
+
+    def pairset(self):
+        images, texts, lrs, iteration = self.chosen()
+        bad = [f"{name} {lr:.4g}" for name, lr in zip(("lr_image", "lr_text"), lrs)
+               if not (math.isfinite(lr) and lr > 0)]
+        if bad:   # only with lr_min null: evaluate would train by gradient ascent
+            raise VlddError(
+                f"the learned lrs went to zero or below ({', '.join(bad)}), so the pair set "
+                "would train by gradient ascent. Set distill.lr_min (e.g. 0.01) or "
+                "lr_space: log, or lower distill.lr_lr.")
+        if not (np.isfinite(images).all() and np.isfinite(texts).all()):
+            raise VlddError("the distilled images or texts hold NaN or inf: lower "
+                            "distill.lr_image / lr_text.")
+        if self.cfg.select == "best":
+            log.info("saving the data of iteration %d (select best: mean matching loss %.4f "
+                     "over its window of %d iterations)", iteration,
+                     self.best["loss"] if self.best else float("nan"), self.window)
+        return PairSet(images, texts, self.caption_ids, kind="distilled",
+                       method=self.cfg.method, mean=self.mean, std=self.std,
+                       lr_image=float(lrs[0]), lr_text=float(lrs[1]),
+                       init_images=self.init_images.numpy(), init_texts=self.init_texts.numpy(),
+                       attrs={"selected_iteration": int(iteration)})
+
+    def curve_frame(self):
+        return pd.DataFrame(self.curve, columns=CURVE_COLUMNS)
+
+
+def checkpoint_key(model_cfg, cfg, budget, expert_paths) -> str:
+    """What a checkpoint must match to be resumed: the settings, and the experts' own config
+    hash and data fingerprint (retrained experts invalidate it)."""
+    model_cfg = config.section("model", model_cfg).as_dict()
+    cfg = config.section("distill", cfg).as_dict()
+    ids = []
+    for p in expert_paths:
+        with open_h5(p, "trajectory") as f:
+            ids.append([str(f.attrs.get("config_sha256", "")), str(f.attrs.get("data_sha256", ""))])
+    return config_hash({"model": model_cfg, "distill": cfg, "budget": int(budget),
+                        "experts": [str(p) for p in expert_paths], "expert_ids": ids})
+
+
+def distill(data_dir, embeddings_path, expert_paths, model, cfg, budget, out_pairs,
+            out_curve, checkpoint=None, device="auto"):
+    """Run (or resume) a distillation and write the pair set and the loss/lr curve: the
+    paper's loop, one iteration per pass. `model` and `cfg` are the model and distill
+    sections (vldd.config's typed objects, or dicts)."""
+    model_cfg = config.section("model", model).as_dict()
+    cfg = config.section("distill", cfg)
+    section = {"model": model_cfg, "distill": cfg.as_dict(), "budget": int(budget),
+               "experts": [str(p) for p in expert_paths]}
+    key = checkpoint_key(model_cfg, cfg, budget, expert_paths)
+    d = Distiller(data_dir, embeddings_path, expert_paths, model_cfg, cfg, budget, device)
+    checkpoint = Path(checkpoint) if checkpoint else Path(str(out_pairs) + ".ckpt.h5")
+    saved = load_distiller(d, checkpoint, key)
+    bar = Progress(cfg.iterations, f"distill {cfg.method} n{budget}", start=d.iteration,
+                   log=log)
+    while d.iteration < cfg.iterations:
+        loss = d.iterate(saved and checkpoint.exists())
+        bar.update(1, matching_loss=float(loss), lr_image=float(d.lr_img),
+                   lr_text=float(d.lr_txt))
+        every = cfg.checkpoint_every
+        if every and d.iteration % every == 0 and d.iteration < cfg.iterations:
+            save_distiller(d, checkpoint, key)
+            saved = True
+    prov = provenance("pairset", section, seed=int(cfg.seed),
+                      image_encoder=model_cfg["image_encoder"],
+                      text_encoder=model_cfg["text_encoder"],
+                      data_sha256=config_hash(data_fingerprint(data_dir, embeddings_path)))
+    write_pairset(out_pairs, d.pairset(), prov)
+    write_parquet(d.curve_frame(), out_curve, meta=prov)
+    for t in d.experts:
+        t.close()
+    checkpoint.unlink(missing_ok=True)
