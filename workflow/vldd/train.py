@@ -6,6 +6,7 @@ import logging
 import numpy as np
 import torch
 
+from .errors import VlddError
 from .losses import contrastive_loss
 from .model import DualEncoder
 from .progress import Progress
@@ -32,8 +33,9 @@ def train_contrastive(model: DualEncoder, img_feats, texts, pair_img, pair_txt, 
     img_feats: trunk features [n_img, ...]; texts: sentence embeddings [n_txt, d];
     pair_img / pair_txt: LongTensor [n_pairs] indexing them. One epoch visits every pair once
     in a random order from `seed`; with per_image, an epoch visits every image once, each with
-    one of its pairs drawn at random (an epoch of images rather than of captions). on_epoch_end(epoch, mean_loss) runs after each epoch
-    (epoch counts from 1); on_batch(pair_ids, img_f, txt_f) sees each batch's features.
+    one of its pairs drawn at random (an epoch of images rather than of captions).
+    on_epoch_end(epoch, mean_loss) runs after each epoch (epoch counts from 1);
+    on_batch(pair_ids, img_f, txt_f) sees each batch's features.
 
     checkpoint, when given, makes the loop resumable: checkpoint.restore(opt, gen) puts back
     the model, optimiser and random state of the last finished epoch and returns that epoch
@@ -43,45 +45,17 @@ def train_contrastive(model: DualEncoder, img_feats, texts, pair_img, pair_txt, 
     """
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout in the head
-    groups = []
-    tail_params = [p for p in model.tail.parameters() if p.requires_grad]
-    if tail_params:
-        groups.append({"params": tail_params, "lr": lr_image})
-    groups.append({"params": list(model.head.parameters()), "lr": lr_text})
-    opt = torch.optim.SGD(groups, momentum=momentum, weight_decay=weight_decay)
-    n = len(pair_img)
+    opt = _optimizer(model, lr_image, lr_text, momentum, weight_decay)
     pair_img = torch.as_tensor(pair_img)
-    if len(torch.unique(pair_img)) < 2 or batch_size < 2:
-        from .errors import VlddError
-        raise VlddError(f"too few training pairs ({len(torch.unique(pair_img))} image(s), batch "
-                        f"size {batch_size}): the contrastive loss needs at least 2 images per "
-                        "batch. Give the stage more training data (or a budget >= 2).")
+    _check_pairs(pair_img, batch_size)
     first = 1 if checkpoint is None else checkpoint.restore(opt, gen) + 1
     bar = Progress(epochs, progress, unit="epoch", start=first - 1, log=log) if progress else None
     for epoch in range(first, epochs + 1):
         train_mode(model)
-        order = torch.randperm(n, generator=gen)
-        if per_image:
-            _, first = np.unique(pair_img[order].numpy(), return_index=True)
-            chosen = order[torch.as_tensor(first)]
-            order = chosen[torch.randperm(len(chosen), generator=gen)]
-        losses = []
-        for start in range(0, len(order), batch_size):
-            ids = order[start:start + batch_size]
-            if len(ids) < 2:  # InfoNCE needs a negative
-                continue
-            img_f = model.tail(img_feats[pair_img[ids]])
-            txt_f = model.head(texts[pair_txt[ids]])
-            loss = contrastive_loss(img_f, txt_f, logit_scale)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.detach())
-            if on_batch is not None:
-                on_batch(ids, img_f.detach(), txt_f.detach())
-        mean_loss = float(torch.stack(losses).mean()) if losses else float("nan")
+        order = _epoch_order(pair_img, gen, per_image)
+        mean_loss = _train_epoch(model, opt, order, img_feats, texts, pair_img, pair_txt,
+                                 batch_size, logit_scale, on_batch)
         if not np.isfinite(mean_loss):
-            from .errors import VlddError
             raise VlddError(f"training diverged at epoch {epoch} (loss {mean_loss}); lower the "
                             f"learning rates (image {lr_image}, text {lr_text}).")
         if on_epoch_end is not None:
@@ -93,3 +67,53 @@ def train_contrastive(model: DualEncoder, img_feats, texts, pair_img, pair_txt, 
     model.tail.eval()
     model.head.eval()
     return model
+
+
+def _optimizer(model: DualEncoder, lr_image, lr_text, momentum, weight_decay):
+    """SGD over the tail's trained parameters (when it has any) at lr_image and the head's
+    at lr_text."""
+    groups = []
+    tail_params = [p for p in model.tail.parameters() if p.requires_grad]
+    if tail_params:
+        groups.append({"params": tail_params, "lr": lr_image})
+    groups.append({"params": list(model.head.parameters()), "lr": lr_text})
+    return torch.optim.SGD(groups, momentum=momentum, weight_decay=weight_decay)
+
+
+def _check_pairs(pair_img: torch.Tensor, batch_size: int):
+    """At least two images and a batch of at least two: InfoNCE needs a negative."""
+    if len(torch.unique(pair_img)) < 2 or batch_size < 2:
+        raise VlddError(f"too few training pairs ({len(torch.unique(pair_img))} image(s), batch "
+                        f"size {batch_size}): the contrastive loss needs at least 2 images per "
+                        "batch. Give the stage more training data (or a budget >= 2).")
+
+
+def _epoch_order(pair_img: torch.Tensor, gen: torch.Generator, per_image: bool):
+    """The pair ids one epoch visits, in order: every pair in a random order from `gen`, or
+    with per_image the first pair of each image in that order, the images shuffled again."""
+    order = torch.randperm(len(pair_img), generator=gen)
+    if per_image:
+        _, first = np.unique(pair_img[order].numpy(), return_index=True)
+        chosen = order[torch.as_tensor(first)]
+        order = chosen[torch.randperm(len(chosen), generator=gen)]
+    return order
+
+
+def _train_epoch(model: DualEncoder, opt, order, img_feats, texts, pair_img, pair_txt,
+                 batch_size, logit_scale, on_batch):
+    """One SGD step per batch of `order`; the epoch's mean loss (nan when no batch ran)."""
+    losses = []
+    for start in range(0, len(order), batch_size):
+        ids = order[start:start + batch_size]
+        if len(ids) < 2:  # InfoNCE needs a negative
+            continue
+        img_f = model.tail(img_feats[pair_img[ids]])
+        txt_f = model.head(texts[pair_txt[ids]])
+        loss = contrastive_loss(img_f, txt_f, logit_scale)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+        if on_batch is not None:
+            on_batch(ids, img_f.detach(), txt_f.detach())
+    return float(torch.stack(losses).mean()) if losses else float("nan")
