@@ -5,7 +5,7 @@ image tail is frozen; every engine leaves the random generators where exact leav
 from __future__ import annotations
 
 import copy
-import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,12 @@ from vldd.model import DualEncoder
 from vldd.train import train_mode
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))   # the benchmark's oracle and sensitivity
+
+import unroll_check  # noqa: E402
+from reference import reference_meta_gradient  # noqa: E402
+from unroll_problem import Setup  # noqa: E402
+
 N, MINI_BATCH, SCALE = 6, 4, 5.0
 NAMES = ("pixels", "texts", "lr_img", "lr_txt")
 
@@ -209,13 +215,6 @@ def test_config_schema_offers_every_engine_with_exact_as_default():
 # ----------------------------------------------------------------------------- real encoder
 
 
-def _harness():
-    spec = importlib.util.spec_from_file_location("bench_unroll", ROOT / "benchmarks/unroll.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def lite0():
     """EfficientNet-Lite0 with the packaged weights (tail: the last block and the head conv),
@@ -253,7 +252,7 @@ def _run32(engine, lite0, syn_steps=3):
     torch.manual_seed(5)
     kw = dict(syn_steps=syn_steps, mini_batch=MINI_BATCH, scale=1 / 0.07, gen=gen)
     if engine == "reference":
-        loss, grads = _harness().reference_meta_gradient(build, theta0, target, *leaves, **kw)
+        loss, grads = reference_meta_gradient(build, theta0, target, *leaves, **kw)
     else:
         loss, grads = meta_gradient(engine, model, model.layouts(), theta0, target, *leaves, **kw)
     return float(loss), grads
@@ -277,13 +276,13 @@ def test_exact_checkpointed_and_the_seed_code_reference_agree_on_efficientnet(li
     assert _cos(g_m[0], g_e[0]) > 0 and _cos(g_m[1], g_e[1]) > 0
 
 
-def _harness_setup(harness, model, problem, lr, syn_steps):
+def _harness_setup(model, problem, lr, syn_steps):
     """The benchmark's Setup on the tiny float64 problem (Setup.run and all), without its
     file-based __init__."""
     from types import SimpleNamespace
 
     theta0, target, pixels, texts = problem
-    s = object.__new__(harness.Setup)
+    s = object.__new__(Setup)
     s.args = SimpleNamespace(lr=lr, syn_steps=syn_steps, mini_batch=MINI_BATCH,
                              sensitivity_eps=1e-6)
     s.dev, s.opts, s.model, s.layouts = torch.device("cpu"), EngineOptions(), model, model.layouts()
@@ -298,14 +297,13 @@ def test_harness_sensitivity_is_a_linear_response_on_a_smooth_setting(tiny):
     """The benchmark's sensitivity(): a 1e-6 perturbation of theta_0 / the pixels moves the
     meta-gradient of a smooth (tanh, float64) short unroll by far less than the threshold,
     10x the perturbation moves it ~10x as much, and the setup is left as it was."""
-    harness = _harness()
     model, problem = tiny
-    s = _harness_setup(harness, model, problem, 0.4, 5)
+    s = _harness_setup(model, problem, 0.4, 5)
     kept = (s.theta0, s.pixels, s.lr_img, s.lr_txt)
-    small = harness.sensitivity(s)
+    small = unroll_check.sensitivity(s)
     assert all(a is b for a, b in zip((s.theta0, s.pixels, s.lr_img, s.lr_txt), kept))
-    assert small["stable"] and small["max_rel_change"] < harness.STABLE_BELOW / 10
-    large = harness.sensitivity(s, eps=1e-5)
+    assert small["stable"] and small["max_rel_change"] < unroll_check.STABLE_BELOW / 10
+    large = unroll_check.sensitivity(s, eps=1e-5)
     for what in ("theta0", "pixels"):
         a, b = small["rows"][what], large["rows"][what]
         assert a["realised"] == pytest.approx(1e-6, rel=1e-6)
@@ -319,13 +317,12 @@ def test_harness_sensitivity_is_a_linear_response_on_a_smooth_setting(tiny):
 def test_harness_sensitivity_flags_a_chaotic_unroll(tiny):
     """lr 50 over 25 steps: the tiny unroll is chaotic (measured: a 1e-6 perturbation of theta_0
     changes the meta-gradient 75-fold); 15 steps at lr 0.4 it is not."""
-    harness = _harness()
     model, problem = tiny
-    chaos = harness.sensitivity(_harness_setup(harness, model, problem, 50.0, 25),
-                                perturb=("theta0",))
+    chaos = unroll_check.sensitivity(_harness_setup(model, problem, 50.0, 25),
+                                     perturb=("theta0",))
     assert chaos["verdict"] == "chaotic" and chaos["max_rel_change"] > 1.0
-    calm = harness.sensitivity(_harness_setup(harness, model, problem, 0.4, 15),
-                               perturb=("theta0",))
+    calm = unroll_check.sensitivity(_harness_setup(model, problem, 0.4, 15),
+                                    perturb=("theta0",))
     assert calm["verdict"] == "stable" and calm["stable"]
 
 
