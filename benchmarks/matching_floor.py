@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "workflow"))
 
 from vldd.distill import Distiller  # noqa: E402
-from vldd.engines import step_loss, trunk_features  # noqa: E402
+from vldd.engines import Unroll, distilled_trunk_features  # noqa: E402
 from vldd.experts import RealData, train_on_real  # noqa: E402
 from vldd.model import logit_scale  # noqa: E402
 from vldd.pairset import read_pairset  # noqa: E402
@@ -94,7 +94,7 @@ def student_fit(distiller, pixels, texts, lr_img, lr_txt, syn_steps, expert_epoc
     scale = logit_scale(distiller.model_cfg, inner_loop=True)
     train_mode(model)
     torch.manual_seed(0)
-    feats = trunk_features(model, pixels, distiller.opts, grad=False).detach()
+    feats = distilled_trunk_features(model, pixels, distiller.opts, grad=False).detach()
     sums = {g: {"term": 0.0, "cosine": 0.0, "best_scale": 0.0, "per_tensor": 0.0} for g in GROUPS}
     n = 0
     for expert in distiller.experts:
@@ -102,8 +102,10 @@ def student_fit(distiller, pixels, texts, lr_img, lr_txt, syn_steps, expert_epoc
             start = {g: expert.params(g, s) for g in GROUPS}
             target = {g: expert.params(g, s + expert_epochs) for g in GROUPS}
             th = {g: start[g].clone().requires_grad_(True) for g in GROUPS}
+            u = Unroll(model, layouts, start, target, syn_steps, mini_batch=None, scale=scale,
+                       gen=None, opts=distiller.opts)
             for _ in range(syn_steps):
-                loss = step_loss(model, layouts, th["image"], th["text"], feats, texts, scale)
+                loss = u.step_loss(th["image"], th["text"], feats, texts)
                 grads = torch.autograd.grad(loss, [th["image"], th["text"]], allow_unused=True)
                 th = {g: (th[g] - lr * (0.0 if gr is None else gr)).detach()
                       .requires_grad_(True) for g, lr, gr in zip(GROUPS, (lr_img, lr_txt), grads)}

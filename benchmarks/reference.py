@@ -29,13 +29,14 @@ class FlatParams:
             setattr(mod, attr, view)
 
 
-def reference_meta_gradient(build_student, theta0, target, pixels, texts, lr_img, lr_txt, *,
-                            syn_steps, mini_batch, scale, gen):
+def reference_meta_gradient(build_student, u, pixels, texts, lr_img, lr_txt):
     """The seed code's iteration, as a baseline: (loss, [d pixels, d texts, d lr_img, d lr_txt]).
 
-    build_student() returns a fresh vldd DualEncoder (pretrained weights loaded again). The
-    global torch generator is restored after the build, so that the dropout masks are those
-    the vldd engines draw and the gradients can be compared.
+    u: the vldd.engines.Unroll of the iteration, read for its data only (theta0, target,
+    syn_steps, mini_batch, scale, gen), not its model: build_student() returns a fresh vldd
+    DualEncoder (pretrained weights loaded again). The global torch generator is restored
+    after the build, so that the dropout masks are those the vldd engines draw and the
+    gradients can be compared.
     """
     from vldd.losses import contrastive_loss, matching_loss
     from vldd.train import train_mode
@@ -51,18 +52,18 @@ def reference_meta_gradient(build_student, theta0, target, pixels, texts, lr_img
     encoder = torch.nn.Sequential(student.tower.trunk, student.tower.tail)  # the whole tower
     img_net = FlatParams(student.tower.tail, layouts["image"])
     txt_net = FlatParams(student.head, layouts["text"])
-    th_i = theta0["image"].clone().requires_grad_(True)
-    th_t = theta0["text"].clone().requires_grad_(True)
-    for _ in range(syn_steps):
-        idx = torch.randperm(len(texts), generator=gen)[:mini_batch].to(texts.device)
+    th_i = u.theta0["image"].clone().requires_grad_(True)
+    th_t = u.theta0["text"].clone().requires_grad_(True)
+    for _ in range(u.syn_steps):
+        idx = torch.randperm(len(texts), generator=u.gen)[:u.mini_batch].to(texts.device)
         img_net.bind(th_i)
         txt_net.bind(th_t)
-        loss = contrastive_loss(encoder(pixels[idx]), student.head(texts[idx]), scale)
+        loss = contrastive_loss(encoder(pixels[idx]), student.head(texts[idx]), u.scale)
         g_i, g_t = torch.autograd.grad(loss, [th_i, th_t], create_graph=True, allow_unused=True)
         if g_i is not None:
             th_i = th_i - lr_img * g_i
         th_t = th_t - lr_txt * g_t
-    loss = matching_loss({"image": th_i, "text": th_t}, theta0, target)
+    loss = matching_loss({"image": th_i, "text": th_t}, u.theta0, u.target)
     inputs = [pixels, texts, lr_img, lr_txt]
     live = [t for t in inputs if t.requires_grad]
     got = iter(torch.autograd.grad(loss, live, allow_unused=True))

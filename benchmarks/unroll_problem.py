@@ -95,18 +95,16 @@ class Setup:
     def run(self, engine, iteration, syn_steps, opts=None):
         """One iteration of `engine` (or "reference"); the batches and dropout masks depend on
         `iteration` only."""
-        from vldd.engines import meta_gradient
+        from vldd.engines import Unroll, meta_gradient
 
         opts = opts or self.opts
         if self.dev.type == "cuda":   # per run: the fp32 check and a tf32 run in one process
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = opts.tf32
         gen = torch.Generator().manual_seed(iteration)
         torch.manual_seed(1000 + iteration)
-        kw = dict(syn_steps=syn_steps, mini_batch=self.args.mini_batch, scale=1 / 0.07, gen=gen)
+        u = Unroll(self.model, self.layouts, self.theta0, self.target, syn_steps=syn_steps,
+                   mini_batch=self.args.mini_batch, scale=1 / 0.07, gen=gen, opts=opts)
+        leaves = (self.pixels, self.texts, self.lr_img, self.lr_txt)
         if engine == "reference":
-            return reference_meta_gradient(self.build_student, self.theta0, self.target,
-                                           self.pixels, self.texts, self.lr_img, self.lr_txt,
-                                           **kw)
-        return meta_gradient(engine, self.model, self.layouts, self.theta0, self.target,
-                             self.pixels, self.texts, self.lr_img, self.lr_txt,
-                             opts=opts, **kw)
+            return reference_meta_gradient(self.build_student, u, *leaves)
+        return meta_gradient(engine, u, *leaves)

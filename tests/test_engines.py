@@ -15,9 +15,9 @@ import torch.nn.functional as F
 import yaml
 
 from vldd.encoders import ImageTower, TextHead
-from vldd.losses import contrastive_loss
-from vldd.engines import ENGINES, EngineOptions, matching_loss, meta_gradient, step_loss
+from vldd.engines import ENGINES, EngineOptions, Unroll, meta_gradient
 from vldd.errors import VlddError
+from vldd.losses import matching_loss
 from vldd.model import DualEncoder
 from vldd.train import train_mode
 
@@ -76,9 +76,9 @@ def _run(engine, model, problem, syn_steps=3, segment=None, lrs=(0.4, 0.3)):
     leaves = _leaves(pixels, texts, lrs)
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(5)
-    loss, grads = meta_gradient(engine, model, model.layouts(), theta0, target, *leaves,
-                                syn_steps=syn_steps, mini_batch=MINI_BATCH, scale=SCALE, gen=gen,
-                                opts=EngineOptions(segment=segment))
+    u = Unroll(model, model.layouts(), theta0, target, syn_steps=syn_steps,
+               mini_batch=MINI_BATCH, scale=SCALE, gen=gen, opts=EngineOptions(segment=segment))
+    loss, grads = meta_gradient(engine, u, *leaves)
     after = (torch.rand(3), torch.randint(0, 10**9, (3,), generator=gen))
     return float(loss), grads, after
 
@@ -128,10 +128,11 @@ def _truncated_bptt(model, problem, syn_steps, lrs=(0.4, 0.3)):
     feats = model.tower.trunk(leaves[0])
     idx = [torch.randperm(N, generator=gen)[:MINI_BATCH] for _ in range(syn_steps)]
     th_i, th_t = theta0["image"].clone(), theta0["text"].clone()
-    layouts = model.layouts()
+    u = Unroll(model, model.layouts(), theta0, target, syn_steps=syn_steps,
+               mini_batch=MINI_BATCH, scale=SCALE, gen=gen)
     for b in idx:
         ci, ct = th_i.detach().requires_grad_(True), th_t.detach().requires_grad_(True)
-        loss = step_loss(model, layouts, ci, ct, feats[b], leaves[1][b], SCALE)
+        loss = u.step_loss(ci, ct, feats[b], leaves[1][b])
         g_i, g_t = torch.autograd.grad(loss, [ci, ct], create_graph=True)
         th_i = th_i - leaves[2] * g_i
         th_t = th_t - leaves[3] * g_t
@@ -237,8 +238,9 @@ def lite0():
     # target: theta0 after one SGD step on other data (a direction the student can follow)
     feats = model.tower.trunk(torch.randn(N, 3, 16, 16, generator=g))
     th = [theta0["image"].clone().requires_grad_(True), theta0["text"].clone().requires_grad_(True)]
-    loss = step_loss(model, model.layouts(), th[0], th[1], feats,
-                     torch.randn(N, 12, generator=g), 1 / 0.07)
+    step = Unroll(model, model.layouts(), theta0, target=theta0, syn_steps=1, mini_batch=N,
+                  scale=1 / 0.07, gen=None)
+    loss = step.step_loss(th[0], th[1], feats, torch.randn(N, 12, generator=g))
     gi, gt = torch.autograd.grad(loss, th)
     target = {"image": theta0["image"] - 0.5 * gi, "text": theta0["text"] - 0.5 * gt}
     return build, model, (theta0, target, pixels, texts)
@@ -250,19 +252,20 @@ def _run32(engine, lite0, syn_steps=3):
               torch.tensor(0.05, requires_grad=True), torch.tensor(0.05, requires_grad=True)]
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(5)
-    kw = dict(syn_steps=syn_steps, mini_batch=MINI_BATCH, scale=1 / 0.07, gen=gen)
+    u = Unroll(model, model.layouts(), theta0, target, syn_steps=syn_steps,
+               mini_batch=MINI_BATCH, scale=1 / 0.07, gen=gen)
     if engine == "reference":
-        loss, grads = reference_meta_gradient(build, theta0, target, *leaves, **kw)
+        loss, grads = reference_meta_gradient(build, u, *leaves)
     else:
-        loss, grads = meta_gradient(engine, model, model.layouts(), theta0, target, *leaves, **kw)
+        loss, grads = meta_gradient(engine, u, *leaves)
     return float(loss), grads
 
 
 def test_exact_checkpointed_and_the_seed_code_reference_agree_on_efficientnet(lite0,
                                                                             monkeypatch):
-    import vldd.engines
+    import vldd.engines.adjoint
 
-    monkeypatch.setattr(vldd.engines, "TRUNK_CHUNK", 4)   # 6 images: two trunk chunks
+    monkeypatch.setattr(vldd.engines.adjoint, "TRUNK_CHUNK", 4)   # 6 images: two trunk chunks
     loss_e, g_e = _run32("exact", lite0)
     for engine in ("checkpointed", "reference"):
         loss, g = _run32(engine, lite0)
@@ -444,7 +447,7 @@ def test_heads_only_unrolls_lora_adapters_like_exact():
     (dict(in_channels=6, out_channels=6, kernel_size=3, padding=1, groups=6), 20),  # large map
 ])
 def test_gemm_convolution_is_the_same_function_to_second_order(conv, size):
-    from vldd.engines import _GemmConv2d
+    from vldd.engines.fastpath import _GemmConv2d
 
     torch.manual_seed(0)
     ref = nn.Conv2d(**conv).double()
@@ -465,7 +468,8 @@ def test_gemm_convolution_is_the_same_function_to_second_order(conv, size):
 def test_unroll_tail_is_the_tail_to_second_order_on_efficientnet(lite0):
     """The copy the engines unroll (GEMM convolutions, affine batch norms) is the same
     function as the timm tail, with the same parameter names, to second order."""
-    from vldd.engines import _AffineBatchNorm, _GemmConv2d, unroll_tail
+    from vldd.engines import unroll_tail
+    from vldd.engines.fastpath import _AffineBatchNorm, _GemmConv2d
 
     _, model, (theta0, _, _, _) = lite0
     fast, buffers = unroll_tail(model)
