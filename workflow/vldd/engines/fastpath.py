@@ -13,6 +13,7 @@ path.
 from __future__ import annotations
 
 import copy
+from functools import cache
 
 import torch
 import torch.nn as nn
@@ -78,9 +79,12 @@ class _GemmConv2d(nn.Conv2d):
 
 
 class _AffineBatchNorm:
-    """Mixin for BatchNorm2d (and timm's BatchNormAct2d): in eval mode, on running statistics,
+    """Mixin for the batch norms of _affine_bases(): in eval mode, on running statistics,
     x * scale + shift written out, whose double backward is a few elementwise products
-    instead of the batch-norm backward kernels. Training mode takes the ordinary path."""
+    instead of the batch-norm backward kernels; then the module's dropout and activation when
+    its class applies them (`activates`). Training mode takes the ordinary path."""
+
+    activates = False
 
     def forward(self, x):
         if self.training or self.running_mean is None or self.running_var is None \
@@ -93,14 +97,25 @@ class _AffineBatchNorm:
         if self.bias is not None:
             shift = shift + self.bias
         y = x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
-        if type(self).__mro__[2].__name__ == "BatchNormAct2d":
+        if self.activates:
             y = self.act(self.drop(y))
         return y
 
 
+@cache
+def _affine_bases() -> dict:
+    """The batch-norm classes the fast path writes out, each with whether it applies its
+    dropout and activation after the normalisation: nn.BatchNorm2d, and timm's BatchNormAct2d
+    (EfficientNet's norm + activation). Exact types: a subclass may compute something else."""
+    from timm.layers import BatchNormAct2d
+
+    return {nn.BatchNorm2d: False, BatchNormAct2d: True}
+
+
 def _affine_class(cls):
     if cls not in _AFFINE:
-        _AFFINE[cls] = type(f"_Affine{cls.__name__}", (_AffineBatchNorm, cls), {})
+        _AFFINE[cls] = type(f"_Affine{cls.__name__}", (_AffineBatchNorm, cls),
+                            {"activates": _affine_bases()[cls]})
     return _AFFINE[cls]
 
 
@@ -111,9 +126,7 @@ def _fast_class(mod):
     """The drop-in class for a module of the unrolled tail, or None to keep it."""
     if type(mod) is nn.Conv2d:
         return _GemmConv2d
-    if type(mod) is nn.BatchNorm2d or (type(mod).__name__ == "BatchNormAct2d"
-                                       and type(mod).__module__.startswith("timm.")
-                                       and type(mod).__mro__[1] is nn.BatchNorm2d):
+    if type(mod) in _affine_bases():
         return _affine_class(type(mod))
     return None
 
