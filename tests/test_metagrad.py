@@ -1,4 +1,4 @@
-"""Tests for vldd.engines.unroll / vldd.losses.matching_loss: the exact meta-gradient of the distillation
+"""Tests for vldd.engines.unroll / matching_loss: the exact meta-gradient of the distillation
 loss w.r.t. the distilled image features, the distilled texts and the two learnable lrs,
 checked against central finite differences on a tiny float64 student."""
 from __future__ import annotations
@@ -8,9 +8,9 @@ import torch
 import torch.nn as nn
 
 from vldd import trajectory
-from vldd.losses import matching_loss
-from vldd.engines import unroll
 from vldd.encoders import ImageTower, TextHead
+from vldd.engines import Unroll, unroll
+from vldd.losses import matching_loss
 from vldd.model import DualEncoder
 
 N, SYN_STEPS, MINI_BATCH, SCALE = 6, 3, 4, 5.0
@@ -42,8 +42,9 @@ def _setup(model, seed=1, shift=0.3):
 
 def _loss(model, theta0, target, feats, texts, lr_img, lr_txt, syn_steps=SYN_STEPS):
     layouts = model.layouts()
-    end = unroll(model, layouts, theta0, feats, texts, lr_img, lr_txt, syn_steps=syn_steps,
-                 mini_batch=MINI_BATCH, scale=SCALE, gen=torch.Generator().manual_seed(0))
+    u = Unroll(model, layouts, theta0, target, syn_steps=syn_steps, mini_batch=MINI_BATCH,
+               scale=SCALE, gen=torch.Generator().manual_seed(0))
+    end = unroll(u, feats, texts, lr_img, lr_txt)
     return matching_loss(end, theta0, target)
 
 
@@ -152,8 +153,9 @@ def test_empty_image_group_is_skipped_and_unroll_still_runs():
     # zero steps: only the text group counts
     assert float(matching_loss(theta0, theta0, target)) == pytest.approx(1.0, abs=1e-12)
     feats = model.tower.trunk(pixels)
-    end = unroll(model, layouts, theta0, feats, texts, lr_img, lr_txt, syn_steps=SYN_STEPS,
-                 mini_batch=MINI_BATCH, scale=SCALE, gen=torch.Generator().manual_seed(0))
+    u = Unroll(model, layouts, theta0, target, syn_steps=SYN_STEPS, mini_batch=MINI_BATCH,
+               scale=SCALE, gen=torch.Generator().manual_seed(0))
+    end = unroll(u, feats, texts, lr_img, lr_txt)
     assert end["image"].numel() == 0
     loss = matching_loss(end, theta0, target)
     value = float(loss.detach())

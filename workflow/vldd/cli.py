@@ -148,55 +148,54 @@ def cmd_inspect(a, cfg):
         print(describe(path))
 
 
-def build_parser():
-    p = argparse.ArgumentParser(prog="vldd", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
-    p.add_argument("-v", "--verbose", action="store_true")
-    sub = p.add_subparsers(dest="command", required=True)
+def _stage(sub, name, fn, help_, inputs=("data", "embeddings")):
+    """A stage's subcommand with the options every stage has."""
+    s = sub.add_parser(name, help=help_)
+    s.set_defaults(fn=fn)
+    s.add_argument("--config-json", default="{}",
+                   help="the config sections of this stage as JSON (or @file.json)")
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    for name_ in inputs:
+        s.add_argument(f"--{name_}", required=True, type=Path)
+    return s
 
-    def stage(name, fn, help_, inputs=("data", "embeddings")):
-        s = sub.add_parser(name, help=help_)
-        s.set_defaults(fn=fn)
-        s.add_argument("--config-json", default="{}",
-                       help="the config sections of this stage as JSON (or @file.json)")
-        s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-        for name_ in inputs:
-            s.add_argument(f"--{name_}", required=True, type=Path)
-        return s
 
-    s = stage("prepare-dataset", cmd_prepare_dataset, "images.h5 + captions.parquet from a source",
-              inputs=())
+def _compute_stages(sub):
+    s = _stage(sub, "prepare-dataset", cmd_prepare_dataset,
+               "images.h5 + captions.parquet from a source", inputs=())
     s.add_argument("--out-dir", required=True, type=Path)
-    s = stage("embed-captions", cmd_embed_captions, "frozen text encoder over every caption",
-              inputs=("data",))
+    s = _stage(sub, "embed-captions", cmd_embed_captions, "frozen text encoder over every caption",
+               inputs=("data",))
     s.add_argument("--out", required=True, type=Path)
-    s = stage("train-expert", cmd_train_expert, "train one expert and record its trajectory")
+    s = _stage(sub, "train-expert", cmd_train_expert, "train one expert and record its trajectory")
     s.add_argument("--index", required=True, type=int)
     s.add_argument("--out", required=True, type=Path)
-    s = stage("distill", cmd_distill, "bi-trajectory matching into a pair set")
+    s = _stage(sub, "distill", cmd_distill, "bi-trajectory matching into a pair set")
     s.add_argument("--experts", required=True, type=Path, nargs="+")
     s.add_argument("--budget", required=True, type=int)
     s.add_argument("--out", required=True, type=Path)
     s.add_argument("--curve", required=True, type=Path)
-    s = stage("select-coreset", cmd_select_coreset, "N real pairs chosen by a rule")
+    s = _stage(sub, "select-coreset", cmd_select_coreset, "N real pairs chosen by a rule")
     s.add_argument("--kind", required=True)
     s.add_argument("--experts", type=Path, default=None,
                    help="expert trajectory whose final parameters embed the pairs "
                         "(herding, kcenter)")
     s.add_argument("--budget", required=True, type=int)
     s.add_argument("--out", required=True, type=Path)
-    s = stage("evaluate", cmd_evaluate, "train a fresh model on a pair set, test retrieval")
-    s.add_argument("--pairs", required=True, type=Path)
-    s.add_argument("--seed", required=True, type=int)
-    s.add_argument("--dataset", default="")
-    s.add_argument("--out", required=True, type=Path)
-    s = stage("train-full", cmd_train_full, "the full-data upper bound")
-    s.add_argument("--seed", required=True, type=int)
-    s.add_argument("--dataset", default="")
-    s.add_argument("--out", required=True, type=Path)
-    s = stage("summarize", cmd_summarize, "retrieval tables from evaluation Parquet files",
-              inputs=())
+    for name, fn, help_ in (("evaluate", cmd_evaluate,
+                             "train a fresh model on a pair set, test retrieval"),
+                            ("train-full", cmd_train_full, "the full-data upper bound")):
+        s = _stage(sub, name, fn, help_)
+        if name == "evaluate":
+            s.add_argument("--pairs", required=True, type=Path)
+        s.add_argument("--seed", required=True, type=int)
+        s.add_argument("--dataset", default="")
+        s.add_argument("--out", required=True, type=Path)
+
+
+def _report_stages(sub):
+    s = _stage(sub, "summarize", cmd_summarize, "retrieval tables from evaluation Parquet files",
+               inputs=())
     s.add_argument("--inputs", required=True, type=Path, nargs="+")
     s.add_argument("--out-parquet", required=True, type=Path)
     s.add_argument("--out-md", required=True, type=Path)
@@ -204,14 +203,24 @@ def build_parser():
                    help="also write the ablation tables (encoders and LoRA, variants, "
                         "cross-architecture) as Markdown")
     s.add_argument("--main-method", default="mtt", help="distill.method of the main run")
-    s = stage("figures", cmd_figures, "the paper's figures from distilled sets and tables",
-              inputs=())
+    s = _stage(sub, "figures", cmd_figures, "the paper's figures from distilled sets and tables",
+               inputs=())
     for name_ in ("data", "embeddings", "pairs", "curve", "table", "out-examples", "out-curve",
                   "out-recall"):
         s.add_argument(f"--{name_}", type=Path, default=None)
     s = sub.add_parser("inspect", help="provenance and shapes of vldd HDF5 / Parquet files")
     s.set_defaults(fn=cmd_inspect, config_json="{}")
     s.add_argument("files", nargs="+", type=Path)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="vldd", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+    _compute_stages(sub)
+    _report_stages(sub)
     return p
 
 

@@ -25,7 +25,7 @@ import torch
 
 from .. import config
 from ..checkpoint import load_distiller, save_distiller
-from ..engines import EngineOptions, apply_backend, check_engine, meta_gradient
+from ..engines import EngineOptions, Unroll, apply_backend, check_engine, meta_gradient
 from ..errors import VlddError
 from ..experts import data_fingerprint, load_experts
 from ..io import config_hash, open_h5, provenance, write_parquet
@@ -161,11 +161,11 @@ class Distiller:
         target = {g: rows[g][1].to(self.dev) for g in rows}
         lrs = [self._lr(i).clone().requires_grad_(True) for i in range(2)]
         terms = {}
-        loss, grads = meta_gradient(
-            self.engine, self.model, self.layouts, theta0, target, self.images, self.texts,
-            lrs[0], lrs[1], syn_steps=int(cfg.syn_steps), mini_batch=int(cfg.mini_batch),
-            scale=logit_scale(self.model_cfg, inner_loop=True), gen=self.gen, opts=self.opts,
-            terms=terms)
+        problem = Unroll(self.model, self.layouts, theta0, target,
+                         syn_steps=int(cfg.syn_steps), mini_batch=int(cfg.mini_batch),
+                         scale=logit_scale(self.model_cfg, inner_loop=True), gen=self.gen,
+                         opts=self.opts, terms=terms)
+        loss, grads = meta_gradient(self.engine, problem, self.images, self.texts, lrs[0], lrs[1])
         return e, start, float(loss), terms, grads
 
     def meta_gradient(self):

