@@ -459,8 +459,14 @@ def test_read_only_output_folder_is_refused_before_training(store, tmp_path):
 def test_full_disk_gives_one_error_and_keeps_finished_epochs(store, tmp_path):
     """A 20 MB file system: the epoch files fit, the final trajectory does not."""
     (tmp_path / "small").mkdir()
-    cfg = json.dumps({"model": MODEL, "experts": EXPERTS})
-    size = (store / "expert_0.h5").stat().st_size * 3 // 2
+    # float32 storage: the assembled trajectory is as large as the epoch files together
+    float32 = {"dtype": "float32", "compression": "none", "offsets": False}
+    cfg = json.dumps({"model": MODEL, "experts": {**EXPERTS, "storage": float32}})
+    # room for the epoch files of every epoch, not for the assembled trajectory too
+    from vldd.stages.train_expert import train_expert
+    train_expert(store / "data", store / "emb.h5", MODEL, {**EXPERTS, "storage": float32}, 0,
+                 tmp_path / "full_size.h5", device="cpu")
+    size = (tmp_path / "full_size.h5").stat().st_size * 3 // 2
     script = (f"mount -t tmpfs -o size={size} tmpfs {tmp_path}/small && {sys.executable} -m "
               f"vldd train-expert --config-json '{cfg}' --device cpu --data {store}/data "
               f"--embeddings {store}/emb.h5 --index 0 --out {tmp_path}/small/expert_0.h5; "

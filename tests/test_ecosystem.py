@@ -46,7 +46,8 @@ def run_without_torch(tmp_path: Path, *args):
 
 def test_the_blocker_blocks(tmp_path):
     out = run_without_torch(tmp_path, "train-expert", "--data", "x", "--embeddings", "y",
-                            "--index", "0", "--out", "z")
+                            "--index", "0", "--out", "z", "--config-json",
+                            '{"model": {}, "experts": {}}')
     assert out.returncode != 0 and "torch is not in the report env" in out.stderr
 
 
@@ -78,7 +79,7 @@ def test_summarize_and_figures_run_where_torch_cannot_be_imported(store, tmp_pat
         assert (d / name).read_bytes()[:4] == b"\x89PNG", name
 
 
-@pytest.mark.parametrize("module", ["vldd.tables", "vldd.figures", "vldd.cli"])
+@pytest.mark.parametrize("module", ["vldd.stages.summarize", "vldd.stages.figures", "vldd.cli"])
 def test_report_modules_import_no_deep_learning_package(module):
     code = f"import json, sys, {module}; print(json.dumps(sorted(set(sys.modules))))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

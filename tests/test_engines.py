@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
+from vldd.checkpoint import load_distiller, save_distiller
 from vldd.encoders import ImageTower, TextHead
 from vldd.engines import ENGINES, EngineOptions, Unroll, meta_gradient
 from vldd.errors import VlddError
@@ -372,15 +373,15 @@ def _state(d):
 @pytest.mark.parametrize("engine", [e for e in ENGINES if e != "exact"])  # exact: test_stages
 def test_distillation_resumes_bit_for_bit_with_every_engine(store, tmp_path, engine):
     straight = _distiller(store, engine)
-    straight.step()
-    straight.save_checkpoint(tmp_path / "ckpt.h5", "k")   # as distill() does, mid-run
-    straight.step()
-    straight.step()
+    straight.iterate()
+    save_distiller(straight, tmp_path / "ckpt.h5", "k")   # as distill() does, mid-run
+    straight.iterate()
+    straight.iterate()
     first = straight
     resumed = _distiller(store, engine)
-    assert resumed.load_checkpoint(tmp_path / "ckpt.h5", "k")
-    resumed.step()
-    resumed.step()
+    assert load_distiller(resumed, tmp_path / "ckpt.h5", "k")
+    resumed.iterate()
+    resumed.iterate()
     a, b = _state(straight), _state(resumed)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2:] == b[2:]
     assert not torch.equal(a[0], first.init_images) and not torch.equal(a[1], first.init_texts)
@@ -396,7 +397,7 @@ def test_checkpointed_distillation_is_exact_distillation(store):
     for engine in ("exact", "checkpointed"):   # one after the other: they share torch's rng
         d = _distiller(store, engine)
         for _ in range(2):
-            d.step()
+            d.iterate()
         states.append(_state(d))
     sa, sb = states
     assert torch.allclose(sa[0], sb[0], rtol=1e-5, atol=1e-6)

@@ -13,7 +13,7 @@ import pytest
 from conftest import DATASET, DISTILL, MODEL
 from vldd.progress import Progress, duration, rate_text
 
-# "2026-11-30 22:41:07,123 INFO vldd.distill: distill mtt n8: iteration 2/4 (50%), 1.9 it/s,
+# "2026-11-30 22:41:07,123 INFO vldd.stages.distill: distill mtt n8: iteration 2/4 (50%), 1.9 it/s,
 #  elapsed 1s, ETA 1s, matching_loss 1.42, ..."
 LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\S* INFO \S+: .+: \w+ \d+/\d+ \(\d+%\), "
                   r"[\d.?]+ \S+, elapsed \w+, ETA [\w?]+", re.M)

@@ -24,6 +24,7 @@ from vldd.config import (  # noqa: E402  (schema, defaults, variants: one place)
     variant_section,
 )
 from vldd.errors import VlddError  # noqa: E402
+from vldd.inputs import annotation_files, included_tables  # noqa: E402
 
 
 def check_config(cfg):
@@ -109,32 +110,12 @@ def stage_json(**sections):
 
 
 def dataset_sources():
-    """The annotation files prepare_dataset reads, as its input (editing one reruns it); none
-    for the synthetic source. Before the data are prepared, a missing one is an error that
-    names the key and where to get the file; once prepared, the raw files may go."""
-    ds = config["dataset"]
-    keys = {"karpathy": ["annotations"], "blip": ["train", "val", "test"]}
-    files = []
-    for key in keys.get(ds["source"], []):
-        path = ds[ds["source"]].get(key)
-        if path is None and (ds["source"], key) == ("blip", "val"):
-            continue  # optional
-        name = f"dataset.{ds['source']}.{key}"
-        if path is None:
-            raise WorkflowError(
-                f"{name} is not set: give the path of the annotation file "
-                f"(README.md, 'Your own data, Flickr30K and COCO')."
-            )
-        files.append((name, path))
+    """The annotation files prepare_dataset reads, as its input (editing one reruns it)."""
     prepared = all(Path(f).exists() for f in data_files().values())
-    missing = [(n, p) for n, p in files if not Path(p).is_file()]
-    if missing and not prepared:
-        name, path = missing[0]
-        raise WorkflowError(
-            f"{name}: {path} does not exist (relative to {Path.cwd()}). Download it (README.md,"
-            f" 'Your own data, Flickr30K and COCO') or set {name} to where it is."
-        )
-    return [] if missing else [p for _, p in files]
+    try:
+        return annotation_files(config["dataset"], prepared)
+    except VlddError as err:
+        raise WorkflowError(str(err)) from None
 
 
 def data_files(dataset=DATASET):
@@ -210,33 +191,10 @@ def eval_files():
 def included_eval_files():
     """tables.include: evaluation tables of earlier runs with other configs (other encoder
     pairs, LoRA), read as they are; they are not rebuilt by this run."""
-    import glob
-
-    own = set(eval_files())
-    out = []
-    for pattern in config.get("tables", {}).get("include", []):
-        found = sorted(glob.glob(pattern, recursive=True))
-        if not found:
-            raise WorkflowError(
-                f"tables.include: '{pattern}' matches no file. Run the workflow with the "
-                "config that produces those evaluations first, or fix the pattern (paths are "
-                "relative to the directory snakemake runs in)."
-            )
-        bad = [f for f in found if not f.endswith(".parquet")]
-        if bad:
-            raise WorkflowError(
-                f"tables.include: '{pattern}' matches {bad[0]}, which is not "
-                "an evaluation Parquet file (results/<dataset>/eval/...)."
-            )
-        tables = [f for f in found if Path(f).resolve().parent == Path("results/tables").resolve()]
-        if tables:
-            raise WorkflowError(
-                f"tables.include: '{pattern}' matches {tables[0]}, a table this workflow writes "
-                "from the evaluations (a cycle that would delete it): narrow the pattern to "
-                "other runs' eval folders, e.g. 'results/<dataset>/eval/<other model>/**/*.parquet'."
-            )
-        out += [f for f in found if f not in own and f not in out]
-    return out
+    try:
+        return included_tables(config["tables"]["include"], eval_files())
+    except VlddError as err:
+        raise WorkflowError(str(err)) from None
 
 
 def cross_model(arch):

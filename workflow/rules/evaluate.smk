@@ -19,9 +19,7 @@ rule evaluate:
         gpu=1,
         device=DEVICE,
     params:
-        cfg=lambda w: stage_json(
-            model=config["model"], evaluate=section("evaluate")
-        ),
+        cfg=lambda w: stage_json(model=config["model"], evaluate=section("evaluate")),
         data=lambda w, input: str(Path(input.images).parent),
     shell:
         "python -m vldd --threads {threads} evaluate --config-json {params.cfg:q}"

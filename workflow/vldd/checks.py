@@ -8,9 +8,9 @@ import math
 import os
 from pathlib import Path
 
+from . import config
 from .errors import VlddError
 
-SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
 FIX = "config/README.md describes every key."
 
 
@@ -58,10 +58,9 @@ def validate_sections(cfg: dict) -> None:
     check_finite(cfg)
     try:
         import jsonschema
-        import yaml
     except ImportError:
         return
-    schema = yaml.safe_load(SCHEMA.read_text())
+    schema = config.schema()
     model = cfg.get("model")
     if isinstance(model, dict) and "@" in str(model.get("name", "")):
         cfg = {**cfg, "model": {**model, "name": model["name"].split("@")[0]}}  # cross-arch.

@@ -119,32 +119,38 @@ def variant_problems(variants: dict) -> list[str]:
 # ----------------------------------------------------------------------------- defaults
 
 
-def fill(path: str, value=None, drop=()):
+_MISSING = object()
+
+
+def fill(path: str, value=_MISSING, drop=()):
     """The value at `path` (e.g. 'distill') with every schema default filled in, recursively;
-    the keys in `drop` (of the top level) left out. Free-form objects are kept as given."""
-    return _fill(node(path), copy.deepcopy(value), drop)
+    the keys in `drop` (of the top level) left out. A key given as null stays null; free-form
+    objects are kept as given."""
+    return _fill(node(path), value if value is _MISSING else copy.deepcopy(value), drop)
 
 
 def _fill(spec: dict, value, drop=()):
     props = spec.get("properties")
-    if value is None and "default" in spec and not props:
-        return copy.deepcopy(spec["default"])
-    if props is None or not isinstance(value if value is not None else {}, dict):
+    if value is _MISSING:
+        if not props:
+            return copy.deepcopy(spec.get("default"))
+        value = copy.deepcopy(spec.get("default") or {})
+    if props is None or not isinstance(value, dict):
         return value
-    out = dict(value or {})
+    out = dict(value)
     for key, sub in props.items():
         if key in drop:
             out.pop(key, None)
         elif key in out:
             out[key] = _fill(sub, out[key])
         elif "default" in sub or "properties" in sub:
-            out[key] = _fill(sub, None)
+            out[key] = _fill(sub, _MISSING)
     return out
 
 
 def stage_section(cfg: dict, name: str) -> dict:
     """Section `name` of a whole config as a stage reads it: filled, without fan-out keys."""
-    return fill(name, cfg.get(name), FANOUT.get(name, ()))
+    return fill(name, cfg.get(name, _MISSING), FANOUT.get(name, ()))
 
 
 def variant_section(cfg: dict, method: str) -> dict:
@@ -201,7 +207,7 @@ def typed(path: str, value: dict | None, drop=()):
     """Section `path` as its dataclass, defaults from the schema; the `drop` keys (fan-out
     keys the stage does not read) are absent from the object, so its as_dict() is exactly
     the section a rule passes."""
-    return _build(path, fill(path, value, drop), tuple(drop))
+    return _build(path, fill(path, _MISSING if value is None else value, drop), tuple(drop))
 
 
 def _build(path: str, filled: dict, drop=()):

@@ -5,6 +5,7 @@ import json
 
 import pandas as pd
 
+from .. import config
 from ..errors import VlddError
 from ..io import atomic_path, provenance, read_parquet_meta, write_parquet
 from ..metrics import METRIC_ORDER
@@ -33,14 +34,14 @@ def _encoders(path) -> str:
         model = json.loads(read_parquet_meta(path).get("config_json", "{}")).get("model", {})
     except (ValueError, AttributeError):
         return ""
-    img, txt = model.get("image_encoder") or {}, model.get("text_encoder") or {}
-    if not img:
+    if not isinstance(model, dict) or not model.get("image_encoder"):
         return ""
-    trainable = img.get("trainable", "all")
+    model = config.fill("model", model)   # keys an older file lacks: the schema's defaults
+    img, txt = model["image_encoder"], model["text_encoder"]
+    trainable = img["trainable"]
     if trainable == "lora":
-        lora = img.get("lora") or {}
-        trainable = f"LoRA r{lora.get('rank', 8)}"
-    return f"{img.get('name', '?')} ({trainable}) + {txt.get('name', '?')} ({txt.get('pooling', '?')})"
+        trainable = f"LoRA r{img['lora']['rank']}"
+    return f"{img['name']} ({trainable}) + {txt['name']} ({txt['pooling']})"
 
 
 def _cells(by) -> str:
