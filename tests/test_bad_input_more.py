@@ -509,15 +509,48 @@ def test_sigterm_removes_partial_files_and_keeps_the_checkpoint(store, tmp_path)
            str(store / "data"), "--embeddings", str(store / "emb.h5"), "--experts",
            str(store / "expert_0.h5"), "--budget", "6", "--out", str(d / "pairs.h5"),
            "--curve", str(d / "curve.parquet")]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    # PYTHONFAULTHANDLER: a job that does not stop is aborted below with its stacks printed
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONFAULTHANDLER": "1"})
     deadline = time.time() + 240
     while not (d / "pairs.h5.ckpt.h5").exists() and time.time() < deadline:
         time.sleep(0.2)
     time.sleep(1.0)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        _, err = proc.communicate()
+        pytest.fail("distill ran on for 120 s after SIGTERM; its stacks:\n" + err[-6000:])
     assert proc.returncode == 130, err[-2000:]
     assert sorted(p.name for p in d.iterdir()) == ["pairs.h5.ckpt.h5"]
+
+
+def test_a_stop_signal_landing_in_a_finaliser_is_delivered_again(tmp_path):
+    """Python swallows an exception raised in __del__ (it goes to sys.unraisablehook): a
+    SIGTERM handled while an h5py or torch object is being freed must still stop the job."""
+    script = tmp_path / "stop.py"
+    script.write_text(
+        "import os, signal, sys, time\n"
+        "from vldd import cli\n"
+        "signal.signal(signal.SIGTERM, cli._terminate)\n"
+        "sys.unraisablehook = cli._unraisable\n"
+        "class Freed:\n"
+        "    def __del__(self):\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        time.sleep(0.5)\n"
+        "try:\n"
+        "    Freed()\n"
+        "    t = time.time()\n"
+        "    while time.time() - t < 5:\n"
+        "        pass\n"
+        "    print('ran on')\n"
+        "except KeyboardInterrupt:\n"
+        "    print('stopped')\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.stdout.strip() == "stopped", out.stdout + out.stderr[-2000:]
 
 
 def test_stale_staging_folder_of_a_killed_prepare_is_removed(tmp_path):

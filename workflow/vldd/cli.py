@@ -6,6 +6,7 @@ Snakemake. Exit status: 0 done, 2 bad input (one message naming the file or key 
 """
 from __future__ import annotations
 
+import _thread
 import argparse
 import errno
 import json
@@ -13,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from .config import STAGE_SECTIONS, stage_config
@@ -75,6 +77,18 @@ def _os_error(exc: OSError):
 def _terminate(signum, frame):
     """SIGTERM (Snakemake or Slurm stopping a job) runs the cleanup of partial outputs."""
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _unraisable(u):
+    """Exceptions Python cannot raise (in a finaliser: __del__, a weakref callback, e.g. of
+    h5py or torch objects freed mid-iteration) are logged at debug level. A stop signal that
+    landed in one would be lost there and the job would run on: deliver it again."""
+    if isinstance(u.exc_value, KeyboardInterrupt):
+        # from another thread, so that it is raised once the finaliser has returned (raised
+        # here, it would be swallowed again; if it is, this hook runs again)
+        threading.Timer(0.01, _thread.interrupt_main, (signal.SIGTERM,)).start()
+        return
+    logging.getLogger("vldd").debug("ignored in %r: %s", u.object, u.exc_value)
 
 
 def cmd_prepare_dataset(a, cfg):
@@ -243,8 +257,7 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, _terminate)
     # h5py reports failed closes of a file it could not write (a full disk) from __del__ as
     # "Exception ignored" tracebacks; the failure itself is reported once, below.
-    sys.unraisablehook = lambda u: logging.getLogger("vldd").debug(
-        "ignored in %r: %s", u.object, u.exc_value)
+    sys.unraisablehook = _unraisable
     sys.excepthook = _quiet_h5_dealloc(sys.excepthook)
     try:
         cfg = _json(args.config_json)
