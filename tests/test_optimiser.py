@@ -147,3 +147,35 @@ def test_select_best_saves_the_state_of_the_best_window_and_survives_a_checkpoin
         last.iterate()
     assert np.array_equal(last.chosen()[0], last.images.detach().numpy())
     assert last.chosen()[3] == 2
+
+
+def test_clip_caps_each_meta_gradient_at_a_multiple_of_its_recent_median_norm(store):
+    """distill.clip: a gradient whose norm exceeds clip x the median of its last CLIP_WINDOW
+    recorded norms is scaled down to exactly that; smaller ones, and every gradient before
+    CLIP_WINDOW iterations are recorded or with clip null, pass unchanged."""
+    from vldd.stages.distill import CLIP_WINDOW
+
+    d = _distiller(store, clip=2.0)
+    none = _distiller(store)
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(d.images.shape, generator=g), torch.randn(d.texts.shape, generator=g),
+             torch.tensor(0.5), torch.tensor(-7.0)]
+    cols = [CURVE_COLUMNS.index(c) for c in ("grad_images", "grad_texts", "grad_lr_image",
+                                              "grad_lr_text")]
+    medians = [float(grads[0].norm()) / 10, float(grads[1].norm()) * 2, 0.1, 1.0]
+    for i in range(CLIP_WINDOW):
+        row = [float(i)] * len(CURVE_COLUMNS)
+        for c, m in zip(cols, medians):
+            row[c] = m * (1.0 if i % 2 else 1.5) if i % 4 else m   # median m
+        for run in (d, none):
+            run.curve.append(tuple(row))
+        if i == CLIP_WINDOW - 2:   # one row short of a full window: nothing is clipped
+            early = d.clipped(grads)
+            assert all(a is b for a, b in zip(early, grads))
+    out = d.clipped(grads)
+    assert float(out[0].norm()) == pytest.approx(2.0 * medians[0], rel=1e-6)
+    assert torch.allclose(out[0] / out[0].norm(), grads[0] / grads[0].norm())
+    assert out[1] is grads[1]                       # 0.5x its median: unchanged
+    assert float(out[2]) == pytest.approx(0.2)      # 0.5 -> 2 x 0.1
+    assert float(out[3]) == pytest.approx(-2.0)     # -7 -> -(2 x 1.0), sign kept
+    assert all(a is b for a, b in zip(none.clipped(grads), grads))   # clip null

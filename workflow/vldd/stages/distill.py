@@ -51,6 +51,12 @@ CURVE_COLUMNS = ["iteration", "matching_loss", "lr_image", "lr_text", "expert",
                  "start_epoch"] + DIAGNOSTICS
 
 
+# distill.clip: a meta-gradient is compared with the median of its norms over this many
+# previous iterations (from the curve, so a resumed run clips the same), once that many exist
+CLIP_WINDOW = 20
+GRAD_COLUMNS = ["grad_images", "grad_texts", "grad_lr_image", "grad_lr_text"]
+
+
 def _norm(t):
     return float("nan") if t is None else float(t.detach().float().norm())
 
@@ -203,9 +209,30 @@ class Distiller:
             "distill.lr_image / lr_text / lr_lr, or syn_steps."
             + (" The last checkpoint is kept." if checkpoint_kept else ""))
 
+    def clipped(self, grads):
+        """distill.clip: each meta-gradient (pixels, texts, each lr) scaled down to at most
+        clip x the median of its norms over the previous CLIP_WINDOW iterations. A chaotic
+        unroll now and then gives a meta-gradient 10-100x the usual; Adam (beta2 0.999 lags)
+        would take a step up to ~16x its usual size with it, undoing many iterations."""
+        factor = self.cfg.clip
+        if factor is None or len(self.curve) < CLIP_WINDOW:
+            return grads
+        out = []
+        for g, name in zip(grads, GRAD_COLUMNS):
+            col = CURVE_COLUMNS.index(name)
+            norms = [row[col] for row in self.curve[-CLIP_WINDOW:] if math.isfinite(row[col])]
+            if g is None or not norms:
+                out.append(g)
+                continue
+            cap, norm = float(factor) * float(np.median(norms)), float(g.norm())
+            out.append(g * (cap / norm) if norm > cap > 0 else g)
+        return out
+
     def step(self, grads):
-        """One optimiser step of the learned tensors (those distill.learn_* leaves on); the
-        lrs kept at or above distill.lr_min. Returns (pixels, texts, lrs) before the step."""
+        """One optimiser step of the learned tensors (those distill.learn_* leaves on) with
+        the meta-gradients `grads` (clipped by distill.clip); the lrs kept at or above
+        distill.lr_min. Returns (pixels, texts, lrs) before the step."""
+        grads = self.clipped(grads)
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         for p, g in zip((self.images, self.texts, *self.lr_params), grads):
