@@ -480,6 +480,7 @@ def test_paper_configs_keep_the_papers_outer_optimisation_over_the_default(paper
                 yaml.safe_load((REPO / "config" / f"{paper}.yaml").read_text()))
     d = cfg["distill"]
     assert (d["optimizer"], d["lr_space"], d.get("segments", 1)) == ("sgd", "linear", 1)
+    assert (d["select"], d["clip"]) == ("last", None)
     assert (d["syn_steps"], d["expert_epochs"], d["max_start_epoch"]) == (8, 1, 2)
     assert (d["lr_lr"], d["lr_init"], d["momentum"], d["lr_min"]) == (0.01, 0.1, 0.5, None)
     assert d["lr_image"] >= 1000 and d["lr_text"] >= 1000
