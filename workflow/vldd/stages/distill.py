@@ -34,6 +34,7 @@ from ..pairset import PairSet, random_pairs, write_pairset
 from ..prepared import load_embeddings, load_prepared
 from ..progress import Progress
 from ..realdata import real_pairs
+from ..similarity import Similarity
 from ..train import train_mode
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,29 @@ DIAGNOSTICS = ["term_image", "term_text", "grad_images", "grad_texts", "grad_lr_
                "grad_lr_text", "step_images", "step_texts"]
 CURVE_COLUMNS = ["iteration", "matching_loss", "lr_image", "lr_text", "expert",
                  "start_epoch"] + DIAGNOSTICS
+
+
+# distill.method: the algorithm a label runs (a variant's label <method>_<name> runs its
+# main method's); any other label runs the paper's
+ALGORITHMS = ("mtt", "lors")
+
+
+def algorithm(method: str) -> str:
+    for name in ALGORITHMS:
+        if method == name or method.startswith(f"{name}_"):
+            return name
+    return "mtt"
+
+
+def pairs_to_distil(cfg, budget: int) -> int:
+    """The number of pairs a budget buys: one less for LoRS when S is paid for with a pair."""
+    if algorithm(cfg.method) == "lors" and cfg.lors.pay_for_similarity:
+        if budget < 3:
+            raise VlddError(f"distill budget {budget}: LoRS with lors.pay_for_similarity "
+                            "distils budget - 1 pairs and needs at least 2; choose a budget "
+                            ">= 3 or set distill.lors.pay_for_similarity: false.")
+        return budget - 1
+    return budget
 
 
 # distill.clip: a meta-gradient is compared with the median of its norms over this many
@@ -115,7 +139,9 @@ class Distiller:
                                     self.layouts)
         tower = self.model.tower
         self.mean, self.std = tower.mean, tower.std
-        ids, images, texts = initial_pairs(prepared, emb, self.budget, cfg, tower)
+        self.algorithm = algorithm(cfg.method)
+        n_pairs = pairs_to_distil(cfg, self.budget)
+        ids, images, texts = initial_pairs(prepared, emb, n_pairs, cfg, tower)
         self.caption_ids = ids
         self.init_images, self.init_texts = images.clone(), texts.clone()
         self.images = images.to(self.dev).requires_grad_(True)
@@ -129,6 +155,16 @@ class Distiller:
                            _optimizer(cfg, [self.texts], float(cfg.lr_text)),
                            _optimizer(cfg, self.lr_params, float(cfg.lr_lr))]
         self.learn = {"image": cfg.learn_images, "text": cfg.learn_texts, "lr": cfg.learn_lr}
+        # LoRS: the similarity matrix over the distilled pairs, learned with its own lr
+        self.similarity = None
+        if self.algorithm == "lors":
+            lc = cfg.lors
+            self.similarity = Similarity.identity(
+                n_pairs, lc.similarity, lc.rank, lc.alpha, seed=cfg.seed,
+                device=self.dev).requires_grad_(True)
+            lr_sim = cfg.lr_text if lc.lr_sim is None else lc.lr_sim
+            self.optimizers.append(_optimizer(cfg, self.similarity.params, float(lr_sim)))
+            self.learn["similarity"] = True
         self.rng = np.random.default_rng(cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         torch.manual_seed(cfg.seed)  # dropout inside the unroll
@@ -170,16 +206,16 @@ class Distiller:
         problem = Unroll(self.model, self.layouts, theta0, target,
                          syn_steps=int(cfg.syn_steps), mini_batch=int(cfg.mini_batch),
                          scale=logit_scale(self.model_cfg, inner_loop=True), gen=self.gen,
-                         opts=self.opts, terms=terms)
+                         opts=self.opts, terms=terms, similarity=self.similarity)
         loss, grads = meta_gradient(self.engine, problem, self.images, self.texts, lrs[0], lrs[1])
         return e, start, float(loss), terms, grads
 
     def meta_gradient(self):
         """The matching loss, per-encoder terms and meta-gradients (pixels, texts, the two
-        lrs; w.r.t. the lrs' parameters) averaged over distill.segments segments, and the
-        (expert, start epoch) of the last."""
+        lrs, w.r.t. the lrs' parameters; then S's parameters with LoRS) averaged over
+        distill.segments segments, and the (expert, start epoch) of the last."""
         n = int(self.cfg.segments)
-        value, terms, grads = 0.0, {}, [None] * 4
+        value, terms, grads = 0.0, {}, [None] * (4 + len(self._sim_params()))
         for _ in range(n):
             e, start, loss, t, g = self._segment()
             value += loss / n
@@ -209,37 +245,44 @@ class Distiller:
             "distill.lr_image / lr_text / lr_lr, or syn_steps."
             + (" The last checkpoint is kept." if checkpoint_kept else ""))
 
+    def _sim_params(self):
+        return [] if self.similarity is None else self.similarity.params
+
+    def _sim_state(self):
+        return None if self.similarity is None else self.similarity.arrays()
+
     def clipped(self, grads):
         """distill.clip: each meta-gradient (pixels, texts, each lr) scaled down to at most
         clip x the median of its norms over the previous CLIP_WINDOW iterations. A chaotic
         unroll now and then gives a meta-gradient 10-100x the usual; Adam (beta2 0.999 lags)
-        would take a step up to ~16x its usual size with it, undoing many iterations."""
+        would take a step up to ~16x its usual size with it, undoing many iterations.
+        LoRS's similarity gradients (after the four) are not clipped."""
         factor = self.cfg.clip
         if factor is None or len(self.curve) < CLIP_WINDOW:
             return grads
-        out = []
-        for g, name in zip(grads, GRAD_COLUMNS):
+        out = list(grads)
+        for i, (g, name) in enumerate(zip(grads, GRAD_COLUMNS)):
             col = CURVE_COLUMNS.index(name)
             norms = [row[col] for row in self.curve[-CLIP_WINDOW:] if math.isfinite(row[col])]
             if g is None or not norms:
-                out.append(g)
                 continue
             cap, norm = float(factor) * float(np.median(norms)), float(g.norm())
-            out.append(g * (cap / norm) if norm > cap > 0 else g)
+            if norm > cap > 0:
+                out[i] = g * (cap / norm)
         return out
 
     def step(self, grads):
         """One optimiser step of the learned tensors (those distill.learn_* leaves on) with
         the meta-gradients `grads` (clipped by distill.clip); the lrs kept at or above
-        distill.lr_min. Returns (pixels, texts, lrs) before the step."""
+        distill.lr_min. Returns (pixels, texts, lrs, S's arrays or None) before the step."""
         grads = self.clipped(grads)
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
-        for p, g in zip((self.images, self.texts, *self.lr_params), grads):
+        for p, g in zip((self.images, self.texts, *self.lr_params, *self._sim_params()), grads):
             p.grad = g
         before = (self.images.detach().clone(), self.texts.detach().clone(),
-                  [float(self._lr(i)) for i in range(2)])
-        for opt, learn in zip(self.optimizers, ("image", "text", "lr")):
+                  [float(self._lr(i)) for i in range(2)], self._sim_state())
+        for opt, learn in zip(self.optimizers, ("image", "text", "lr", "similarity")):
             if self.learn[learn]:
                 opt.step()
         lr_min = self.cfg.lr_min
@@ -253,7 +296,7 @@ class Distiller:
 
     def record(self, loss, terms, grads, before, where):
         """The curve's row of this iteration; with select best, the best window so far."""
-        diag = _diagnostics(terms, grads, before[:2], (self.images.detach(),
+        diag = _diagnostics(terms, grads[:4], before[:2], (self.images.detach(),
                                                        self.texts.detach()))
         self.curve.append((self.iteration, loss, float(self.lr_img), float(self.lr_txt),
                            *where, *diag))
@@ -263,7 +306,8 @@ class Distiller:
                 # the state this iteration was scored with, the last of the window
                 self.best = {"loss": mean, "iteration": self.iteration,
                              "images": before[0].cpu().numpy(),
-                             "texts": before[1].cpu().numpy(), "lrs": before[2]}
+                             "texts": before[1].cpu().numpy(), "lrs": before[2],
+                             "similarity": before[3]}
         self.iteration += 1
 
     def chosen(self):
@@ -275,8 +319,20 @@ class Distiller:
         return (self.images.detach().cpu().numpy(), self.texts.detach().cpu().numpy(),
                 [float(self.lr_img), float(self.lr_txt)], self.iteration)
 
+    def chosen_similarity(self):
+        """LoRS: the arrays of S that go with chosen()'s data (None for other methods)."""
+        if self.similarity is None:
+            return None
+        if self.cfg.select == "best" and self.best is not None:
+            return self.best["similarity"]
+        return self._sim_state()
+
     def pairset(self):
         images, texts, lrs, iteration = self.chosen()
+        sim = self.chosen_similarity()
+        if sim is not None and not all(np.isfinite(a).all() for a in sim.values()):
+            raise VlddError("the learned similarity matrix holds NaN or inf: lower "
+                            "distill.lors.lr_sim.")
         bad = [f"{name} {lr:.4g}" for name, lr in zip(("lr_image", "lr_text"), lrs)
                if not (math.isfinite(lr) and lr > 0)]
         if bad:   # only with lr_min null: evaluate would train by gradient ascent
@@ -295,7 +351,11 @@ class Distiller:
                        method=self.cfg.method, mean=self.mean, std=self.std,
                        lr_image=float(lrs[0]), lr_text=float(lrs[1]),
                        init_images=self.init_images.numpy(), init_texts=self.init_texts.numpy(),
-                       attrs={"selected_iteration": int(iteration)})
+                       attrs={"selected_iteration": int(iteration)},
+                       nominal_budget=self.budget,
+                       similarity=None if sim is None else {
+                           "kind": self.similarity.kind, "alpha": self.similarity.alpha,
+                           "arrays": sim})
 
     def curve_frame(self):
         return pd.DataFrame(self.curve, columns=CURVE_COLUMNS)
