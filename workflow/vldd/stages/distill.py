@@ -30,18 +30,15 @@ from ..errors import VlddError
 from ..experts import data_fingerprint, load_experts
 from ..io import config_hash, open_h5, provenance, write_parquet
 from ..model import build_model, logit_scale, resolve_device
-from ..pairset import PairSet, random_pairs, write_pairset
+from ..pairset import PairSet, write_pairset
 from ..prepared import load_embeddings, load_prepared
 from ..progress import Progress
-from ..realdata import real_pairs
+from ..outer import GRAD_COLUMNS, algorithm, clip, make_optimizer, pairs_to_distil
+from ..realdata import initial_pairs
 from ..similarity import Similarity
 from ..train import train_mode
 
 log = logging.getLogger(__name__)
-
-# Noise initialisation statistics of the seed code (normalised pixels, BERT [CLS] space).
-NOISE_IMAGE = ((-0.0626, -0.0221, 0.0680), (1.0451, 1.0752, 1.0539))
-
 
 # The curve: one row per iteration. term_*: each encoder's normalised matching term;
 # grad_*: the norm of the meta-gradient of the pixels, the texts and each lr; step_*: the
@@ -50,35 +47,6 @@ DIAGNOSTICS = ["term_image", "term_text", "grad_images", "grad_texts", "grad_lr_
                "grad_lr_text", "step_images", "step_texts"]
 CURVE_COLUMNS = ["iteration", "matching_loss", "lr_image", "lr_text", "expert",
                  "start_epoch"] + DIAGNOSTICS
-
-
-# distill.method: the algorithm a label runs (a variant's label <method>_<name> runs its
-# main method's); any other label runs the paper's
-ALGORITHMS = ("mtt", "lors")
-
-
-def algorithm(method: str) -> str:
-    for name in ALGORITHMS:
-        if method == name or method.startswith(f"{name}_"):
-            return name
-    return "mtt"
-
-
-def pairs_to_distil(cfg, budget: int) -> int:
-    """The number of pairs a budget buys: one less for LoRS when S is paid for with a pair."""
-    if algorithm(cfg.method) == "lors" and cfg.lors.pay_for_similarity:
-        if budget < 3:
-            raise VlddError(f"distill budget {budget}: LoRS with lors.pay_for_similarity "
-                            "distils budget - 1 pairs and needs at least 2; choose a budget "
-                            ">= 3 or set distill.lors.pay_for_similarity: false.")
-        return budget - 1
-    return budget
-
-
-# distill.clip: a meta-gradient is compared with the median of its norms over this many
-# previous iterations (from the curve, so a resumed run clips the same), once that many exist
-CLIP_WINDOW = 20
-GRAD_COLUMNS = ["grad_images", "grad_texts", "grad_lr_image", "grad_lr_text"]
 
 
 def _norm(t):
@@ -90,32 +58,6 @@ def _diagnostics(terms, grads, before, after):
     out += [_norm(g) for g in grads]
     out += [_norm(a - b) / max(_norm(b), 1e-12) for a, b in zip(after, before)]
     return out
-
-
-def _optimizer(cfg, params, lr):
-    """The optimiser of one kind of distilled tensor (pixels, texts or the lrs):
-    distill.optimizer sgd (with distill.momentum, as the seed code) or adam (per-element
-    steps of about lr whatever the gradient's scale)."""
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=(float(cfg.momentum), 0.999))
-    return torch.optim.SGD(params, lr=lr, momentum=float(cfg.momentum))
-
-
-def initial_pairs(prepared, emb, budget, cfg, tower):
-    """(caption ids, images, texts) the distilled set starts from: random real pairs, or
-    noise per modality (distill.init; caption ids -1 for noise images)."""
-    ids = random_pairs(prepared, budget, cfg.seed, where="distill budget")
-    images, texts = real_pairs(prepared, emb, ids, tower.mean, tower.std)
-    g = torch.Generator().manual_seed(cfg.seed)
-    images, texts = torch.as_tensor(images), torch.as_tensor(texts)
-    if cfg.init.image == "noise":
-        m = torch.tensor(NOISE_IMAGE[0]).view(1, 3, 1, 1)
-        s = torch.tensor(NOISE_IMAGE[1]).view(1, 3, 1, 1)
-        images = torch.randn(images.shape, generator=g) * s + m
-        ids = np.full_like(ids, -1)
-    if cfg.init.text == "noise":
-        texts = torch.randn(texts.shape, generator=g) * texts.std() + texts.mean()
-    return ids, images, texts
 
 
 class Distiller:
@@ -151,9 +93,9 @@ class Distiller:
         raw = math.log(cfg.lr_init) if self.lr_space == "log" else float(cfg.lr_init)
         self.lr_params = [torch.tensor(raw, device=self.dev, requires_grad=True)
                           for _ in range(2)]
-        self.optimizers = [_optimizer(cfg, [self.images], float(cfg.lr_image)),
-                           _optimizer(cfg, [self.texts], float(cfg.lr_text)),
-                           _optimizer(cfg, self.lr_params, float(cfg.lr_lr))]
+        self.optimizers = [make_optimizer(cfg, [self.images], float(cfg.lr_image)),
+                           make_optimizer(cfg, [self.texts], float(cfg.lr_text)),
+                           make_optimizer(cfg, self.lr_params, float(cfg.lr_lr))]
         self.learn = {"image": cfg.learn_images, "text": cfg.learn_texts, "lr": cfg.learn_lr}
         # LoRS: the similarity matrix over the distilled pairs, learned with its own lr
         self.similarity = None
@@ -163,7 +105,7 @@ class Distiller:
                 n_pairs, lc.similarity, lc.rank, lc.alpha, seed=cfg.seed,
                 device=self.dev).requires_grad_(True)
             lr_sim = cfg.lr_text if lc.lr_sim is None else lc.lr_sim
-            self.optimizers.append(_optimizer(cfg, self.similarity.params, float(lr_sim)))
+            self.optimizers.append(make_optimizer(cfg, self.similarity.params, float(lr_sim)))
             self.learn["similarity"] = True
         self.rng = np.random.default_rng(cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed)
@@ -252,24 +194,9 @@ class Distiller:
         return None if self.similarity is None else self.similarity.arrays()
 
     def clipped(self, grads):
-        """distill.clip: each meta-gradient (pixels, texts, each lr) scaled down to at most
-        clip x the median of its norms over the previous CLIP_WINDOW iterations. A chaotic
-        unroll now and then gives a meta-gradient 10-100x the usual; Adam (beta2 0.999 lags)
-        would take a step up to ~16x its usual size with it, undoing many iterations.
-        LoRS's similarity gradients (after the four) are not clipped."""
-        factor = self.cfg.clip
-        if factor is None or len(self.curve) < CLIP_WINDOW:
-            return grads
-        out = list(grads)
-        for i, (g, name) in enumerate(zip(grads, GRAD_COLUMNS)):
-            col = CURVE_COLUMNS.index(name)
-            norms = [row[col] for row in self.curve[-CLIP_WINDOW:] if math.isfinite(row[col])]
-            if g is None or not norms:
-                continue
-            cap, norm = float(factor) * float(np.median(norms)), float(g.norm())
-            if norm > cap > 0:
-                out[i] = g * (cap / norm)
-        return out
+        """distill.clip applied to this iteration's meta-gradients (vldd.outer.clip)."""
+        return clip(grads, self.curve, [CURVE_COLUMNS.index(c) for c in GRAD_COLUMNS],
+                    self.cfg.clip)
 
     def step(self, grads):
         """One optimiser step of the learned tensors (those distill.learn_* leaves on) with
