@@ -153,6 +153,9 @@ def test_lors_learns_a_similarity_stores_it_and_resumes_to_identical_bytes(store
     assert ps.loss == "wbce"                 # S moved off the identity
     m = ps.similarity_matrix()
     assert m.shape == (6, 6) and not np.array_equal(m, np.eye(6, dtype=np.float32))
+    from test_results_layout import ARTIFACTS, check_h5    # the file is as documented
+    art = next(a for a in ARTIFACTS if a.pattern.endswith("distilled/{model}/{method}/n{N}/pairs.h5"))
+    check_h5(tmp_path / "straight" / "pairs.h5", art)
     part = tmp_path / "resumed"
     part.mkdir()
     d = Distiller(store / "data", store / "emb.h5", [store / "expert_0.h5"], MODEL, cfg, 7,
