@@ -178,3 +178,14 @@ def test_without_paying_for_s_a_lors_set_has_budget_pairs_and_a_budget_of_2_is_r
     with pytest.raises(VlddError, match="budget - 1"):
         Distiller(store / "data", store / "emb.h5", [store / "expert_0.h5"], MODEL, LORS, 2,
                   "cpu")
+
+
+@pytest.mark.parametrize("engine", ["checkpointed", "constant-memory", "heads-only"])
+def test_every_engine_moves_the_similarity(store, engine):
+    d = Distiller(store / "data", store / "emb.h5", [store / "expert_0.h5"], MODEL,
+                  {**LORS, "engine": engine, "max_start_epoch": 2}, 7, "cpu")
+    before = [p.detach().clone() for p in d.similarity.params]
+    for _ in range(2):     # (start epoch 0 gives zero gradients on the store: see above)
+        d.iterate()
+    moved = [not torch.equal(b, p.detach()) for b, p in zip(before, d.similarity.params)]
+    assert moved[2], engine          # R leaves zero: S leaves the identity
