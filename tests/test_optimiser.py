@@ -153,7 +153,7 @@ def test_clip_caps_each_meta_gradient_at_a_multiple_of_its_recent_median_norm(st
     """distill.clip: a gradient whose norm exceeds clip x the median of its last CLIP_WINDOW
     recorded norms is scaled down to exactly that; smaller ones, and every gradient before
     CLIP_WINDOW iterations are recorded or with clip null, pass unchanged."""
-    from vldd.stages.distill import CLIP_WINDOW
+    from vldd.outer import CLIP_WINDOW
 
     d = _distiller(store, clip=2.0)
     none = _distiller(store)

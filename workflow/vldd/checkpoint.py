@@ -177,12 +177,17 @@ def save_distiller(d, path, key) -> None:
         h5_dataset(f, "images", d.images.detach().cpu().numpy())
         h5_dataset(f, "texts", d.texts.detach().cpu().numpy())
         h5_dataset(f, "lrs", np.array([float(p.detach()) for p in d.lr_params]))
+        if d.similarity is not None:    # LoRS
+            for name, arr in d.similarity.arrays().items():
+                h5_dataset(f, f"similarity/{name}", arr)
         save_rngs(f, d.gen, d.dev)
         save_optimizers(f, d.optimizers)
         best = None
         if d.best is not None:
             h5_dataset(f, "best/images", d.best["images"])
             h5_dataset(f, "best/texts", d.best["texts"])
+            for name, arr in (d.best.get("similarity") or {}).items():
+                h5_dataset(f, f"best/similarity/{name}", arr)
             best = {k: d.best[k] for k in ("loss", "iteration", "lrs")}
         f.attrs["meta"] = json.dumps({"order": [int(x) for x in d.order], "curve": d.curve,
                                       "rng": d.rng.bit_generator.state, "best": best})
@@ -208,6 +213,9 @@ def load_distiller(d, path, key) -> bool:
             d.texts.copy_(torch.as_tensor(f["texts"][()]))
             for p, v in zip(d.lr_params, f["lrs"][()]):
                 p.fill_(float(v))
+            if d.similarity is not None:
+                for p, name in zip(d.similarity.params, d.similarity.NAMES[d.similarity.kind]):
+                    p.copy_(torch.as_tensor(f[f"similarity/{name}"][()]))
         load_rngs(f, d.gen, d.dev)
         meta = json.loads(f.attrs["meta"])
         d.order = list(meta["order"])
@@ -215,7 +223,9 @@ def load_distiller(d, path, key) -> bool:
         d.rng.bit_generator.state = meta["rng"]
         if meta.get("best") is not None:
             d.best = {**meta["best"], "images": f["best/images"][()],
-                      "texts": f["best/texts"][()]}
+                      "texts": f["best/texts"][()],
+                      "similarity": ({k: v[()] for k, v in f["best/similarity"].items()}
+                                     if "best/similarity" in f else None)}
         d.iteration = int(f.attrs["iteration"])
         load_optimizers(f, d.optimizers)
     log.info("resumed from %s at iteration %d", path, d.iteration)

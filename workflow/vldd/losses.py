@@ -2,6 +2,8 @@
 
 The inner loss (paper eq. 1): symmetric InfoNCE between the image and text features of a batch,
 pair i matching pair i. Experts, students, evaluation and the coresets all train with it.
+LoRS (distill.method lors) trains the students and evaluation of its pair sets with the
+weighted BCE against a learned similarity block instead (vldd.similarity).
 
 The outer loss (paper eq. 2, bi-trajectory matching): per encoder, how far the student ended
 from the expert's target relative to how far its start was,
@@ -23,6 +25,21 @@ def contrastive_loss(img_feat, txt_feat, logit_scale):
     logits = logit_scale * img @ txt.t()
     target = torch.arange(len(logits), device=logits.device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+
+
+def wbce_loss(img_feat, txt_feat, logit_scale, targets, eps: float = 1e-6):
+    """LoRS's weighted binary cross-entropy: P = sigmoid(logit_scale * cos) against the soft
+    targets (a [b, b] block of S), averaged separately over the positive entries (target
+    > 0.5) and the others, then halved: 0.5 * (mean_pos + mean_neg) (a kind with no entry
+    adds 0)."""
+    img = F.normalize(img_feat, dim=-1)
+    txt = F.normalize(txt_feat, dim=-1)
+    p = torch.sigmoid(logit_scale * img @ txt.t())
+    bce = -(targets * torch.log(p + eps) + (1 - targets) * torch.log(1 - p + eps))
+    pos = (targets > 0.5).to(bce.dtype)
+    neg = 1 - pos
+    return 0.5 * ((bce * pos).sum() / pos.sum().clamp(min=1)
+                  + (bce * neg).sum() / neg.sum().clamp(min=1))
 
 
 def matching_terms(end: dict, start: dict, target: dict, groups=GROUPS) -> dict:

@@ -6,8 +6,12 @@ Distilled sets and coresets share it, so `evaluate` treats them alike. Layout::
     /texts        float32 [N, d]        sentence embeddings (the text head's input)
     /caption_ids  int64 [N]             the real caption each pair came from (-1: noise)
     /init/...     (distilled sets) the images and texts before distillation
-    attrs         provenance, kind (distilled | coreset), method, budget, image_mean,
-                  image_std, lr_image, lr_text (learned lrs; NaN when there are none)
+    /similarity/  (LoRS) the learned similarity matrix's parameters: diag, left, right
+                  (lowrank) or matrix (full); attrs kind, alpha (vldd.similarity)
+    attrs         provenance, kind (distilled | coreset), method, budget (what the set
+                  costs: N, or N + 1 pairs when one pays for /similarity), image_mean,
+                  image_std, lr_image, lr_text (learned lrs; NaN when there are none), loss
+                  (infonce, or wbce with /similarity: what evaluate trains with)
 """
 from __future__ import annotations
 
@@ -33,10 +37,34 @@ class PairSet:
     init_images: np.ndarray | None = None
     init_texts: np.ndarray | None = None
     attrs: dict = field(default_factory=dict)
+    nominal_budget: int | None = None     # the budget it was made for (None: its size)
+    similarity: dict | None = None        # LoRS: {"kind", "alpha", "arrays": {name: array}}
 
     @property
     def budget(self):
-        return len(self.images)
+        """What the set costs in pairs: its size, or the budget it was made for when it
+        stores a similarity matrix paid for with pairs."""
+        return len(self.images) if self.nominal_budget is None else int(self.nominal_budget)
+
+    def similarity_matrix(self) -> np.ndarray | None:
+        """LoRS's S as an [N, N] array (None without one)."""
+        if self.similarity is None:
+            return None
+        arr = {k: np.asarray(v, dtype=np.float32) for k, v in self.similarity["arrays"].items()}
+        if self.similarity["kind"] == "full":
+            return arr["matrix"]
+        scale = np.float32(self.similarity["alpha"] / arr["left"].shape[1])
+        return np.diag(arr["diag"]) + scale * (arr["left"] @ arr["right"].T)
+
+    @property
+    def loss(self):
+        """The inner loss evaluate trains with: LoRS's weighted BCE against S when the set
+        holds one other than the identity; InfoNCE (whose targets are the identity)
+        otherwise, so a set whose S stayed the identity trains as one without S."""
+        m = self.similarity_matrix()
+        if m is None or np.array_equal(m, np.eye(len(m), dtype=m.dtype)):
+            return "infonce"
+        return "wbce"
 
 
 def write_pairset(path, ps: PairSet, prov: dict):
@@ -44,7 +72,7 @@ def write_pairset(path, ps: PairSet, prov: dict):
     attrs.update(kind=ps.kind, method=ps.method, budget=ps.budget,
                  image_mean=np.asarray(ps.mean, dtype=np.float64),
                  image_std=np.asarray(ps.std, dtype=np.float64),
-                 lr_image=float(ps.lr_image), lr_text=float(ps.lr_text))
+                 lr_image=float(ps.lr_image), lr_text=float(ps.lr_text), loss=ps.loss)
     if "selected_iteration" in ps.attrs:   # distilled: the iteration whose data this is
         attrs["selected_iteration"] = int(ps.attrs["selected_iteration"])
     with h5_writer(path, attrs) as f:
@@ -55,6 +83,12 @@ def write_pairset(path, ps: PairSet, prov: dict):
             g = f.create_group("init")
             h5_dataset(g, "images", np.asarray(ps.init_images, dtype=np.float32))
             h5_dataset(g, "texts", np.asarray(ps.init_texts, dtype=np.float32))
+        if ps.similarity is not None:
+            g = f.create_group("similarity")
+            g.attrs["kind"] = str(ps.similarity["kind"])
+            g.attrs["alpha"] = float(ps.similarity["alpha"])
+            for name, arr in ps.similarity["arrays"].items():
+                h5_dataset(g, name, np.asarray(arr, dtype=np.float32))
 
 
 def read_pairset(path) -> PairSet:
@@ -62,13 +96,19 @@ def read_pairset(path) -> PairSet:
         try:
             a = dict(f.attrs)
             init = f.get("init")
+            sim = f.get("similarity")
+            if sim is not None:
+                sim = {"kind": str(sim.attrs["kind"]), "alpha": float(sim.attrs["alpha"]),
+                       "arrays": {name: sim[name][()] for name in sim}}
             return PairSet(
                 images=f["images"][()], texts=f["texts"][()], caption_ids=f["caption_ids"][()],
                 kind=str(a["kind"]), method=str(a["method"]),
                 mean=tuple(a["image_mean"]), std=tuple(a["image_std"]),
                 lr_image=float(a["lr_image"]), lr_text=float(a["lr_text"]),
                 init_images=None if init is None else init["images"][()],
-                init_texts=None if init is None else init["texts"][()], attrs=a)
+                init_texts=None if init is None else init["texts"][()], attrs=a,
+                nominal_budget=int(a["budget"]) if int(a["budget"]) != len(f["images"])
+                else None, similarity=sim)
         except (KeyError, OSError, ValueError, TypeError) as exc:
             raise VlddError(f"{path}: damaged pair set ({exc}). Delete it and rerun the stage "
                             "that made it (distill or select_coreset).") from exc
@@ -82,7 +122,22 @@ def check_pairset(path, ps: PairSet) -> None:
             or len(ps.texts) != n or len(ps.caption_ids) != n:
         raise VlddError(f"{path}: images {ps.images.shape}, texts {ps.texts.shape} and "
                         f"caption_ids {ps.caption_ids.shape} do not make {n} pairs. {fix}")
-    for name, arr in (("images", ps.images), ("texts", ps.texts)):
+    arrays = [("images", ps.images), ("texts", ps.texts)]
+    if ps.similarity is not None:
+        from .similarity import Similarity
+        try:
+            sim = Similarity.from_arrays(ps.similarity["kind"], ps.similarity["arrays"],
+                                         ps.similarity["alpha"])
+            shape_ok = sim.n == n and all(
+                len(p) == n and (sim.kind == "lowrank" or p.shape == (n, n))
+                for p in sim.params)
+        except (KeyError, IndexError, RuntimeError) as exc:
+            raise VlddError(f"{path}: damaged similarity group ({exc}). {fix}") from exc
+        if not shape_ok:
+            raise VlddError(f"{path}: the similarity parameters "
+                            f"{[tuple(p.shape) for p in sim.params]} do not fit {n} pairs. {fix}")
+        arrays += [(f"similarity/{k}", v) for k, v in ps.similarity["arrays"].items()]
+    for name, arr in arrays:
         if not np.isfinite(arr).all():
             raise VlddError(f"{path}: {name} hold NaN or inf ({int((~np.isfinite(arr)).sum())} "
                             f"values): this pair set cannot be trained on. {fix}")

@@ -1,12 +1,14 @@
 """Real training pairs as the training loop consumes them, and training on them (experts,
-the full-data upper bound, the forgetting coreset)."""
+the full-data upper bound, the forgetting coreset). And the real (or noise) pairs a distillation starts from."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from . import config
 from .encoders import to_model_input
 from .model import logit_scale, real_features, retrieval
+from .pairset import random_pairs
 from .train import train_contrastive
 
 
@@ -56,3 +58,24 @@ def real_pairs(prepared, embeddings, caption_ids, mean, std):
     img_idx = caps.loc[caption_ids, "image_index"].to_numpy()
     images = to_model_input(prepared.images[img_idx], mean, std).numpy()
     return images, embeddings[caption_ids]
+
+
+# Noise initialisation statistics of the seed code (normalised pixels, BERT [CLS] space).
+NOISE_IMAGE = ((-0.0626, -0.0221, 0.0680), (1.0451, 1.0752, 1.0539))
+
+
+def initial_pairs(prepared, emb, budget, cfg, tower):
+    """(caption ids, images, texts) the distilled set starts from: random real pairs, or
+    noise per modality (distill.init; caption ids -1 for noise images)."""
+    ids = random_pairs(prepared, budget, cfg.seed, where="distill budget")
+    images, texts = real_pairs(prepared, emb, ids, tower.mean, tower.std)
+    g = torch.Generator().manual_seed(cfg.seed)
+    images, texts = torch.as_tensor(images), torch.as_tensor(texts)
+    if cfg.init.image == "noise":
+        m = torch.tensor(NOISE_IMAGE[0]).view(1, 3, 1, 1)
+        s = torch.tensor(NOISE_IMAGE[1]).view(1, 3, 1, 1)
+        images = torch.randn(images.shape, generator=g) * s + m
+        ids = np.full_like(ids, -1)
+    if cfg.init.text == "noise":
+        texts = torch.randn(texts.shape, generator=g) * texts.std() + texts.mean()
+    return ids, images, texts

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from .errors import VlddError
-from .losses import contrastive_loss
+from .losses import contrastive_loss, wbce_loss
 from .model import DualEncoder
 from .progress import Progress
 
@@ -27,8 +27,9 @@ def train_mode(model: DualEncoder):
 def train_contrastive(model: DualEncoder, img_feats, texts, pair_img, pair_txt, *, epochs,
                       lr_image, lr_text, momentum, weight_decay, batch_size, logit_scale, seed,
                       per_image=False, on_epoch_end=None, on_batch=None, checkpoint=None,
-                      progress=None):
-    """SGD on the symmetric InfoNCE loss over (image, text) pairs.
+                      progress=None, targets=None):
+    """SGD on the symmetric InfoNCE loss over (image, text) pairs; with `targets` (LoRS: an
+    [n_pairs, n_pairs] similarity matrix) on the weighted BCE against its blocks instead.
 
     img_feats: trunk features [n_img, ...]; texts: sentence embeddings [n_txt, d];
     pair_img / pair_txt: LongTensor [n_pairs] indexing them. One epoch visits every pair once
@@ -54,7 +55,7 @@ def train_contrastive(model: DualEncoder, img_feats, texts, pair_img, pair_txt, 
         train_mode(model)
         order = _epoch_order(pair_img, gen, per_image)
         mean_loss = _train_epoch(model, opt, order, img_feats, texts, pair_img, pair_txt,
-                                 batch_size, logit_scale, on_batch)
+                                 batch_size, logit_scale, on_batch, targets)
         if not np.isfinite(mean_loss):
             raise VlddError(f"training diverged at epoch {epoch} (loss {mean_loss}); lower the "
                             f"learning rates (image {lr_image}, text {lr_text}).")
@@ -100,7 +101,7 @@ def _epoch_order(pair_img: torch.Tensor, gen: torch.Generator, per_image: bool):
 
 
 def _train_epoch(model: DualEncoder, opt, order, img_feats, texts, pair_img, pair_txt,
-                 batch_size, logit_scale, on_batch):
+                 batch_size, logit_scale, on_batch, targets=None):
     """One SGD step per batch of `order`; the epoch's mean loss (nan when no batch ran)."""
     losses = []
     for start in range(0, len(order), batch_size):
@@ -109,7 +110,11 @@ def _train_epoch(model: DualEncoder, opt, order, img_feats, texts, pair_img, pai
             continue
         img_f = model.tail(img_feats[pair_img[ids]])
         txt_f = model.head(texts[pair_txt[ids]])
-        loss = contrastive_loss(img_f, txt_f, logit_scale)
+        if targets is None:
+            loss = contrastive_loss(img_f, txt_f, logit_scale)
+        else:
+            block = targets[ids.to(targets.device)][:, ids.to(targets.device)]
+            loss = wbce_loss(img_f, txt_f, logit_scale, block)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -83,8 +83,9 @@ def apply_backend(opts: EngineOptions, model, device: torch.device):
 
 
 def meta_gradient(engine: str, u: Unroll, pixels, texts, lr_img, lr_txt):
-    """(matching loss, [dL/dpixels, dL/dtexts, dL/dlr_img, dL/dlr_txt]) of one iteration of the
-    inner problem `u`, by `engine`.
+    """(matching loss, [dL/dpixels, dL/dtexts, dL/dlr_img, dL/dlr_txt, *dL/dS]) of one
+    iteration of the inner problem `u`, by `engine` (dL/dS: the gradients of the parameters
+    of u.similarity, LoRS's learned similarity matrix, when it has one).
 
     pixels: distilled images in the trunk's input space; texts: distilled sentence
     embeddings; lr_img, lr_txt: the student's lrs. A gradient is None where the input does not

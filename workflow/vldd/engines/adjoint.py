@@ -43,6 +43,7 @@ class _Replay:
         self.theta0 = (u.theta0["image"].detach(), u.theta0["text"].detach())
         self.rng = []
         self.dfeats = self.dtexts = None
+        self.dsim = None
 
     def grad(self, k, th, create_graph=False):
         """(g_i, g_t, feats_b, texts_b) of step k at th = (th_i, th_t) (leaves)."""
@@ -50,7 +51,7 @@ class _Replay:
         b = self.idx[k]
         fb = self.feats[b].detach().requires_grad_(create_graph)
         tb = self.texts[b].detach().requires_grad_(create_graph and self.texts.requires_grad)
-        loss = self.u.step_loss(th[0], th[1], fb, tb)
+        loss = self.u.step_loss(th[0], th[1], fb, tb, b)
         g_i, g_t = torch.autograd.grad(loss, list(th), create_graph=create_graph,
                                        allow_unused=True)
         if g_i is None:
@@ -71,22 +72,27 @@ class _Replay:
     def begin_reverse(self):
         self.dfeats = torch.zeros_like(self.feats)
         self.dtexts = torch.zeros_like(self.texts)
+        self.dsim = [torch.zeros_like(p) for p in self.u.leaves()]
 
     def vjp(self, k, th_data, lam, need_hv):
         """Step k recomputed with a graph at theta_k = th_data: returns (g_k, H_k (lr * lam),
-        or None unless need_hv) and accumulates -(dg_k/dX)^T (lr * lam) into dfeats, dtexts."""
+        or None unless need_hv) and accumulates -(dg_k/dX)^T (lr * lam) into dfeats, dtexts
+        (and dsim, for the similarity's parameters)."""
         lrs = self.lrs
         th = tuple(t.detach().requires_grad_(True) for t in th_data)
         with torch.enable_grad():
             g_i, g_t, fb, tb = self.grad(k, th, create_graph=True)
             s = (g_i * (lrs[0] * lam[0])).sum() + (g_t * (lrs[1] * lam[1])).sum()
             inputs = ([th[0], th[1]] if need_hv else []) + [fb] + ([tb] if tb.requires_grad
-                                                                  else [])
+                                                                  else []) + self.u.leaves()
             out = torch.autograd.grad(s, inputs, allow_unused=True)
         out = list(out)
         hv = (out.pop(0), out.pop(0)) if need_hv else None
         d_fb = out.pop(0)
         d_tb = out.pop(0) if tb.requires_grad else None
+        for acc, d in zip(self.dsim, out):
+            if d is not None:
+                acc.sub_(d)
         b = self.idx[k]
         if d_fb is not None:
             self.dfeats.index_add_(0, b, d_fb, alpha=-1.0)
@@ -95,11 +101,12 @@ class _Replay:
         return (g_i.detach(), g_t.detach()), hv
 
     def gradients(self, pixels, lr_img, lr_txt, d_lr):
-        """[dL/dpixels, dL/dtexts, dL/dlr_img, dL/dlr_txt] from the accumulated dfeats, dtexts
-        and d_lr (dL/dlr per group)."""
+        """[dL/dpixels, dL/dtexts, dL/dlr_img, dL/dlr_txt, *dL/dsimilarity] from the
+        accumulated dfeats, dtexts, dsim and d_lr (dL/dlr per group)."""
         g_pix = self._pixel_grad(pixels)
         g_lr_i, g_lr_t = _lr_grads(lr_img, lr_txt, d_lr, self.u.theta0["image"].numel() > 0)
-        return [g_pix, self.dtexts if self.texts.requires_grad else None, g_lr_i, g_lr_t]
+        return [g_pix, self.dtexts if self.texts.requires_grad else None, g_lr_i, g_lr_t,
+                *self.dsim]
 
     def _pixel_grad(self, pixels):
         """dL/dpixels from dL/dfeats: the trunk recomputed with a graph, TRUNK_CHUNK images at

@@ -11,7 +11,7 @@ def exact(u: Unroll, pixels, texts, lr_img, lr_txt):
     feats = distilled_trunk_features(u.model, pixels, u.opts)
     end = unroll(u, feats, texts, lr_img, lr_txt)
     loss = matching_loss(end, u.theta0, u.target, terms=u.terms)
-    return loss.detach(), grads_of(loss, [pixels, texts, lr_img, lr_txt])
+    return loss.detach(), grads_of(loss, [pixels, texts, lr_img, lr_txt, *u.leaves()])
 
 
 def is_adapter_layout(layout) -> bool:
@@ -30,5 +30,5 @@ def heads_only(u: Unroll, pixels, texts, lr_img, lr_txt):
     img_f = u.image_features(u.theta0["image"], feats)
     end = unroll(u, img_f, texts, lr_img, lr_txt, step_image=False)
     loss = matching_loss(end, u.theta0, u.target, groups=("text",), terms=u.terms)
-    g_pix, g_txt, _, g_lr_t = grads_of(loss, [pixels, texts, None, lr_txt])
-    return loss.detach(), [g_pix, g_txt, None, g_lr_t]
+    g_pix, g_txt, _, g_lr_t, *g_sim = grads_of(loss, [pixels, texts, None, lr_txt, *u.leaves()])
+    return loss.detach(), [g_pix, g_txt, None, g_lr_t, *g_sim]

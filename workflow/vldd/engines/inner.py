@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-from ..losses import contrastive_loss
+from ..losses import contrastive_loss, wbce_loss
 from .fastpath import unroll_tail
 
 
@@ -40,7 +40,9 @@ class Unroll:
     "text" = the head). It takes `syn_steps` SGD steps, each on `mini_batch` distilled pairs
     drawn from `gen` (None: every step on all pairs, in order), on the contrastive loss at
     logit scale `scale`. `opts`: numerics and layout. `terms`, when a dict, receives each
-    encoder's normalised term of the matching loss.
+    encoder's normalised term of the matching loss. `similarity` (LoRS, vldd.similarity):
+    the steps train on the weighted BCE against its blocks instead, and the engines return
+    the gradients of its parameters after the four others.
     """
     model: nn.Module
     layouts: dict
@@ -52,6 +54,11 @@ class Unroll:
     gen: torch.Generator | None
     opts: EngineOptions = field(default_factory=EngineOptions)
     terms: dict | None = None
+    similarity: object | None = None
+
+    def leaves(self):
+        """The learnable leaves besides pixels, texts and lrs (LoRS's similarity)."""
+        return [] if self.similarity is None else list(self.similarity.params)
 
     def __post_init__(self):
         self.syn_steps = int(self.syn_steps)
@@ -77,13 +84,16 @@ class Unroll:
         return functional_call(fast, {**buffers, **self.layouts["image"].unflatten(th_i)},
                                (feats,))
 
-    def step_loss(self, th_i, th_t, x_b, texts_b):
-        """The inner (contrastive) loss of one step on one mini-batch at the flat parameters
-        th_i (image tail) and th_t (text head). x_b are the trunk features of its images, or,
-        with th_i None, the image encoder's output itself (the tail not unrolled)."""
+    def step_loss(self, th_i, th_t, x_b, texts_b, b=None):
+        """The inner (contrastive) loss of one step on the mini-batch of pair indices b at the
+        flat parameters th_i (image tail) and th_t (text head). x_b are the trunk features of
+        its images, or, with th_i None, the image encoder's output itself (the tail not
+        unrolled)."""
         img_f = x_b if th_i is None else self.image_features(th_i, x_b)
         txt_f = functional_call(self.model.head, self.layouts["text"].unflatten(th_t),
                                 (texts_b,))
+        if self.similarity is not None:
+            return wbce_loss(img_f, txt_f, self.scale, self.similarity.block(b))
         return contrastive_loss(img_f, txt_f, self.scale)
 
 
@@ -127,7 +137,7 @@ def unroll(u: Unroll, feats, texts, lr_img, lr_txt, step_image=True) -> dict:
     idx = u.batches(len(texts), texts.device)
     for k in range(u.syn_steps):
         b = idx[k]
-        loss = u.step_loss(th_i, th_t, feats[b], texts[b])
+        loss = u.step_loss(th_i, th_t, feats[b], texts[b], b)
         g_i, g_t = grads_of(loss, [th_i, th_t], create_graph=True)
         if g_i is not None:
             th_i = th_i - lr_img * g_i

@@ -30,17 +30,15 @@ from ..errors import VlddError
 from ..experts import data_fingerprint, load_experts
 from ..io import config_hash, open_h5, provenance, write_parquet
 from ..model import build_model, logit_scale, resolve_device
-from ..pairset import PairSet, random_pairs, write_pairset
+from ..pairset import PairSet, write_pairset
 from ..prepared import load_embeddings, load_prepared
 from ..progress import Progress
-from ..realdata import real_pairs
+from ..outer import GRAD_COLUMNS, algorithm, clip, make_optimizer, pairs_to_distil
+from ..realdata import initial_pairs
+from ..similarity import Similarity
 from ..train import train_mode
 
 log = logging.getLogger(__name__)
-
-# Noise initialisation statistics of the seed code (normalised pixels, BERT [CLS] space).
-NOISE_IMAGE = ((-0.0626, -0.0221, 0.0680), (1.0451, 1.0752, 1.0539))
-
 
 # The curve: one row per iteration. term_*: each encoder's normalised matching term;
 # grad_*: the norm of the meta-gradient of the pixels, the texts and each lr; step_*: the
@@ -49,12 +47,6 @@ DIAGNOSTICS = ["term_image", "term_text", "grad_images", "grad_texts", "grad_lr_
                "grad_lr_text", "step_images", "step_texts"]
 CURVE_COLUMNS = ["iteration", "matching_loss", "lr_image", "lr_text", "expert",
                  "start_epoch"] + DIAGNOSTICS
-
-
-# distill.clip: a meta-gradient is compared with the median of its norms over this many
-# previous iterations (from the curve, so a resumed run clips the same), once that many exist
-CLIP_WINDOW = 20
-GRAD_COLUMNS = ["grad_images", "grad_texts", "grad_lr_image", "grad_lr_text"]
 
 
 def _norm(t):
@@ -66,32 +58,6 @@ def _diagnostics(terms, grads, before, after):
     out += [_norm(g) for g in grads]
     out += [_norm(a - b) / max(_norm(b), 1e-12) for a, b in zip(after, before)]
     return out
-
-
-def _optimizer(cfg, params, lr):
-    """The optimiser of one kind of distilled tensor (pixels, texts or the lrs):
-    distill.optimizer sgd (with distill.momentum, as the seed code) or adam (per-element
-    steps of about lr whatever the gradient's scale)."""
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=(float(cfg.momentum), 0.999))
-    return torch.optim.SGD(params, lr=lr, momentum=float(cfg.momentum))
-
-
-def initial_pairs(prepared, emb, budget, cfg, tower):
-    """(caption ids, images, texts) the distilled set starts from: random real pairs, or
-    noise per modality (distill.init; caption ids -1 for noise images)."""
-    ids = random_pairs(prepared, budget, cfg.seed, where="distill budget")
-    images, texts = real_pairs(prepared, emb, ids, tower.mean, tower.std)
-    g = torch.Generator().manual_seed(cfg.seed)
-    images, texts = torch.as_tensor(images), torch.as_tensor(texts)
-    if cfg.init.image == "noise":
-        m = torch.tensor(NOISE_IMAGE[0]).view(1, 3, 1, 1)
-        s = torch.tensor(NOISE_IMAGE[1]).view(1, 3, 1, 1)
-        images = torch.randn(images.shape, generator=g) * s + m
-        ids = np.full_like(ids, -1)
-    if cfg.init.text == "noise":
-        texts = torch.randn(texts.shape, generator=g) * texts.std() + texts.mean()
-    return ids, images, texts
 
 
 class Distiller:
@@ -115,7 +81,9 @@ class Distiller:
                                     self.layouts)
         tower = self.model.tower
         self.mean, self.std = tower.mean, tower.std
-        ids, images, texts = initial_pairs(prepared, emb, self.budget, cfg, tower)
+        self.algorithm = algorithm(cfg.method)
+        n_pairs = pairs_to_distil(cfg, self.budget)
+        ids, images, texts = initial_pairs(prepared, emb, n_pairs, cfg, tower)
         self.caption_ids = ids
         self.init_images, self.init_texts = images.clone(), texts.clone()
         self.images = images.to(self.dev).requires_grad_(True)
@@ -125,10 +93,20 @@ class Distiller:
         raw = math.log(cfg.lr_init) if self.lr_space == "log" else float(cfg.lr_init)
         self.lr_params = [torch.tensor(raw, device=self.dev, requires_grad=True)
                           for _ in range(2)]
-        self.optimizers = [_optimizer(cfg, [self.images], float(cfg.lr_image)),
-                           _optimizer(cfg, [self.texts], float(cfg.lr_text)),
-                           _optimizer(cfg, self.lr_params, float(cfg.lr_lr))]
+        self.optimizers = [make_optimizer(cfg, [self.images], float(cfg.lr_image)),
+                           make_optimizer(cfg, [self.texts], float(cfg.lr_text)),
+                           make_optimizer(cfg, self.lr_params, float(cfg.lr_lr))]
         self.learn = {"image": cfg.learn_images, "text": cfg.learn_texts, "lr": cfg.learn_lr}
+        # LoRS: the similarity matrix over the distilled pairs, learned with its own lr
+        self.similarity = None
+        if self.algorithm == "lors":
+            lc = cfg.lors
+            self.similarity = Similarity.identity(
+                n_pairs, lc.similarity, lc.rank, lc.alpha, seed=cfg.seed,
+                device=self.dev).requires_grad_(True)
+            lr_sim = cfg.lr_text if lc.lr_sim is None else lc.lr_sim
+            self.optimizers.append(make_optimizer(cfg, self.similarity.params, float(lr_sim)))
+            self.learn["similarity"] = True
         self.rng = np.random.default_rng(cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         torch.manual_seed(cfg.seed)  # dropout inside the unroll
@@ -170,16 +148,16 @@ class Distiller:
         problem = Unroll(self.model, self.layouts, theta0, target,
                          syn_steps=int(cfg.syn_steps), mini_batch=int(cfg.mini_batch),
                          scale=logit_scale(self.model_cfg, inner_loop=True), gen=self.gen,
-                         opts=self.opts, terms=terms)
+                         opts=self.opts, terms=terms, similarity=self.similarity)
         loss, grads = meta_gradient(self.engine, problem, self.images, self.texts, lrs[0], lrs[1])
         return e, start, float(loss), terms, grads
 
     def meta_gradient(self):
         """The matching loss, per-encoder terms and meta-gradients (pixels, texts, the two
-        lrs; w.r.t. the lrs' parameters) averaged over distill.segments segments, and the
-        (expert, start epoch) of the last."""
+        lrs, w.r.t. the lrs' parameters; then S's parameters with LoRS) averaged over
+        distill.segments segments, and the (expert, start epoch) of the last."""
         n = int(self.cfg.segments)
-        value, terms, grads = 0.0, {}, [None] * 4
+        value, terms, grads = 0.0, {}, [None] * (4 + len(self._sim_params()))
         for _ in range(n):
             e, start, loss, t, g = self._segment()
             value += loss / n
@@ -209,37 +187,29 @@ class Distiller:
             "distill.lr_image / lr_text / lr_lr, or syn_steps."
             + (" The last checkpoint is kept." if checkpoint_kept else ""))
 
+    def _sim_params(self):
+        return [] if self.similarity is None else self.similarity.params
+
+    def _sim_state(self):
+        return None if self.similarity is None else self.similarity.arrays()
+
     def clipped(self, grads):
-        """distill.clip: each meta-gradient (pixels, texts, each lr) scaled down to at most
-        clip x the median of its norms over the previous CLIP_WINDOW iterations. A chaotic
-        unroll now and then gives a meta-gradient 10-100x the usual; Adam (beta2 0.999 lags)
-        would take a step up to ~16x its usual size with it, undoing many iterations."""
-        factor = self.cfg.clip
-        if factor is None or len(self.curve) < CLIP_WINDOW:
-            return grads
-        out = []
-        for g, name in zip(grads, GRAD_COLUMNS):
-            col = CURVE_COLUMNS.index(name)
-            norms = [row[col] for row in self.curve[-CLIP_WINDOW:] if math.isfinite(row[col])]
-            if g is None or not norms:
-                out.append(g)
-                continue
-            cap, norm = float(factor) * float(np.median(norms)), float(g.norm())
-            out.append(g * (cap / norm) if norm > cap > 0 else g)
-        return out
+        """distill.clip applied to this iteration's meta-gradients (vldd.outer.clip)."""
+        return clip(grads, self.curve, [CURVE_COLUMNS.index(c) for c in GRAD_COLUMNS],
+                    self.cfg.clip)
 
     def step(self, grads):
         """One optimiser step of the learned tensors (those distill.learn_* leaves on) with
         the meta-gradients `grads` (clipped by distill.clip); the lrs kept at or above
-        distill.lr_min. Returns (pixels, texts, lrs) before the step."""
+        distill.lr_min. Returns (pixels, texts, lrs, S's arrays or None) before the step."""
         grads = self.clipped(grads)
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
-        for p, g in zip((self.images, self.texts, *self.lr_params), grads):
+        for p, g in zip((self.images, self.texts, *self.lr_params, *self._sim_params()), grads):
             p.grad = g
         before = (self.images.detach().clone(), self.texts.detach().clone(),
-                  [float(self._lr(i)) for i in range(2)])
-        for opt, learn in zip(self.optimizers, ("image", "text", "lr")):
+                  [float(self._lr(i)) for i in range(2)], self._sim_state())
+        for opt, learn in zip(self.optimizers, ("image", "text", "lr", "similarity")):
             if self.learn[learn]:
                 opt.step()
         lr_min = self.cfg.lr_min
@@ -253,7 +223,7 @@ class Distiller:
 
     def record(self, loss, terms, grads, before, where):
         """The curve's row of this iteration; with select best, the best window so far."""
-        diag = _diagnostics(terms, grads, before[:2], (self.images.detach(),
+        diag = _diagnostics(terms, grads[:4], before[:2], (self.images.detach(),
                                                        self.texts.detach()))
         self.curve.append((self.iteration, loss, float(self.lr_img), float(self.lr_txt),
                            *where, *diag))
@@ -263,7 +233,8 @@ class Distiller:
                 # the state this iteration was scored with, the last of the window
                 self.best = {"loss": mean, "iteration": self.iteration,
                              "images": before[0].cpu().numpy(),
-                             "texts": before[1].cpu().numpy(), "lrs": before[2]}
+                             "texts": before[1].cpu().numpy(), "lrs": before[2],
+                             "similarity": before[3]}
         self.iteration += 1
 
     def chosen(self):
@@ -275,8 +246,20 @@ class Distiller:
         return (self.images.detach().cpu().numpy(), self.texts.detach().cpu().numpy(),
                 [float(self.lr_img), float(self.lr_txt)], self.iteration)
 
+    def chosen_similarity(self):
+        """LoRS: the arrays of S that go with chosen()'s data (None for other methods)."""
+        if self.similarity is None:
+            return None
+        if self.cfg.select == "best" and self.best is not None:
+            return self.best["similarity"]
+        return self._sim_state()
+
     def pairset(self):
         images, texts, lrs, iteration = self.chosen()
+        sim = self.chosen_similarity()
+        if sim is not None and not all(np.isfinite(a).all() for a in sim.values()):
+            raise VlddError("the learned similarity matrix holds NaN or inf: lower "
+                            "distill.lors.lr_sim.")
         bad = [f"{name} {lr:.4g}" for name, lr in zip(("lr_image", "lr_text"), lrs)
                if not (math.isfinite(lr) and lr > 0)]
         if bad:   # only with lr_min null: evaluate would train by gradient ascent
@@ -295,7 +278,11 @@ class Distiller:
                        method=self.cfg.method, mean=self.mean, std=self.std,
                        lr_image=float(lrs[0]), lr_text=float(lrs[1]),
                        init_images=self.init_images.numpy(), init_texts=self.init_texts.numpy(),
-                       attrs={"selected_iteration": int(iteration)})
+                       attrs={"selected_iteration": int(iteration)},
+                       nominal_budget=self.budget,
+                       similarity=None if sim is None else {
+                           "kind": self.similarity.kind, "alpha": self.similarity.alpha,
+                           "arrays": sim})
 
     def curve_frame(self):
         return pd.DataFrame(self.curve, columns=CURVE_COLUMNS)

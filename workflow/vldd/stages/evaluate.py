@@ -101,7 +101,14 @@ def evaluate(data_dir, embeddings_path, pairset_path, model_section, eval_cfg, s
     feats = trunk_features(model.tower, images, dev, normalized=True)
     texts = torch.as_tensor(ps.texts).to(dev)
     lr_img, lr_txt = eval_lrs(ps, eval_cfg, pairset_path)
-    n = ps.budget
+    n = len(ps.images)
+    targets = None
+    if ps.loss == "wbce":   # LoRS: the weighted BCE against the learned S
+        from ..similarity import Similarity
+        sim = ps.similarity
+        with torch.no_grad():
+            targets = Similarity.from_arrays(sim["kind"], sim["arrays"], sim["alpha"],
+                                             device=dev).matrix()
     test = RealData(prepared, emb, model, "test", dev)
     epochs = int(eval_cfg.epochs)
     best = {"epoch": None, "metrics": None}
@@ -125,15 +132,16 @@ def evaluate(data_dir, embeddings_path, pairset_path, model_section, eval_cfg, s
                       weight_decay=float(eval_cfg.weight_decay),
                       batch_size=int(eval_cfg.batch_size), logit_scale=logit_scale(model_cfg),
                       seed=seed, on_epoch_end=keep_best if quirk_best else None,
-                      progress=f"evaluate {ps.kind}-{ps.method} n{n} seed {seed}")
+                      progress=f"evaluate {ps.kind}-{ps.method} n{ps.budget} seed {seed}",
+                      targets=targets)
     if quirk_best:
         metrics, reported = best["metrics"], best["epoch"]
     else:
         metrics, reported = test.recall(model), epochs
-    log.info("%s %s n=%d seed=%d epoch %d: %s", ps.kind, ps.method, n, seed, reported,
+    log.info("%s %s n=%d seed=%d epoch %d: %s", ps.kind, ps.method, ps.budget, seed, reported,
              " ".join(f"{k}={metrics[k]:.2f}" for k in METRIC_ORDER))
     method = f"{'distilled' if ps.kind == 'distilled' else 'coreset'}-{ps.method}"
-    df = _frame(metrics, dataset, method, n, seed, "evaluate", model_section.name)
+    df = _frame(metrics, dataset, method, ps.budget, seed, "evaluate", model_section.name)
     df["lr_image"], df["lr_text"] = lr_img, lr_txt
     df["epoch"] = reported
     prov = provenance("eval", {"model": model_cfg, "evaluate": eval_cfg.as_dict()}, seed=seed,

@@ -59,7 +59,7 @@ def examples_figure(pairs_path, data_dir, embeddings_path, out_path, n_show=8):
     ps = read_pairset(pairs_path)
     if ps.init_images is None:
         raise VlddError(f"{pairs_path}: no initial images stored (not a distilled set?).")
-    k = min(n_show, ps.budget)
+    k = min(n_show, len(ps.images))
     before = nearest_captions(ps.init_texts[:k], data_dir, embeddings_path)
     after = nearest_captions(ps.texts[:k], data_dir, embeddings_path)
     plt = _plt()

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The distillation methods side by side on emoji at 100 pairs: each method of METHODS
+# (distill.method) with 3 distillation seeds (distill.seed 0 and the variants s1, s2), 3
+# evaluation seeds each, against the four coresets and full data, on each numeric path of
+# NUMERICS. config/config.yaml + config/emoji.yaml, budgets [100]; the methods share the
+# experts, coresets and full-data runs of their path (one workdir per path, one snakemake run
+# per method). Writes the table to OUT.
+#
+#   benchmarks/methods.sh DATA_DIR [WORKDIR]
+#
+# DATA_DIR: the emoji set built by ../shared/datasets/emoji/prepare.py DATA_DIR. WORKDIR
+# (default benchmarks/results/methods) is not committed. Environment:
+#   METHODS   default "mtt lors"
+#   NUMERICS  "native" and/or "default" (ATEN_CPU_CAPABILITY=default); default "native default"
+#   OUT       default benchmarks/methods.md
+#   CORES     snakemake's cores, default 2
+# Needs snakemake and vldd on PATH (make run builds .venv; then PATH=$PWD/.venv/bin:$PATH).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+DATA=$(realpath "${1:?usage: benchmarks/methods.sh DATA_DIR [WORKDIR]}")
+[ -f "$DATA/dataset_emoji.json" ] || { echo "$DATA/dataset_emoji.json not found: build it with ../shared/datasets/emoji/prepare.py $DATA" >&2; exit 2; }
+WORK=${2:-benchmarks/results/methods}
+mkdir -p "$WORK"
+WORK=$(realpath "$WORK")
+CORES=${CORES:-2}
+METHODS=${METHODS:-mtt lors}
+NUMERICS=${NUMERICS:-native default}
+OUT=${OUT:-benchmarks/methods.md}
+start=$(date +%s)
+load_start=$(cut -d' ' -f1 /proc/loadavg 2>/dev/null || echo "?")
+for method in $METHODS; do
+    cat > "$WORK/$method.yaml" <<YAML
+dataset:
+  karpathy: {annotations: '$DATA/dataset_emoji.json', image_root: '$DATA'}
+distill:
+  method: $method
+  budgets: [100]
+  variants:
+    s1: {seed: 1}
+    s2: {seed: 2}
+YAML
+done
+for path in $NUMERICS; do
+    mkdir -p "$WORK/$path"
+    env=()
+    [ "$path" = default ] && env=(ATEN_CPU_CAPABILITY=default)
+    for method in $METHODS; do
+        (cd "$WORK/$path" && env "${env[@]}" snakemake --snakefile "$ROOT/Snakefile" \
+            --cores "$CORES" --resources gpu="$CORES" --configfile "$ROOT/config/config.yaml" \
+            "$ROOT/config/emoji.yaml" "$WORK/$method.yaml" --quiet rules \
+            > "$WORK/$path-$method.log" 2>&1) \
+            || { echo "run $path $method failed: $WORK/$path-$method.log" >&2; exit 1; }
+    done
+done
+secs=$(( $(date +%s) - start ))
+command="benchmarks/methods.sh DATA_DIR"
+[ "$NUMERICS" != "native default" ] && command="NUMERICS=\"$NUMERICS\" $command"
+[ "$METHODS" != "mtt lors" ] && command="METHODS=\"$METHODS\" $command"
+LOADS="$load_start at the start, $(cut -d' ' -f1 /proc/loadavg 2>/dev/null || echo "?") at the end, on $(nproc) cores" \
+    python benchmarks/methods_report.py "$WORK" "$secs" "$(git rev-parse --short HEAD)" \
+    "$command" "$METHODS" $NUMERICS > "$OUT"
+cat "$OUT"

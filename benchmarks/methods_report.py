@@ -1,0 +1,109 @@
+"""The report of benchmarks/methods.sh: per numeric path and method, TR@1 / IR@1 over the
+distillation seeds (each the mean over its evaluation seeds) against the coresets and full
+data, and each method's time and memory per distillation job.
+
+    python benchmarks/methods_report.py WORKDIR SECONDS COMMIT COMMAND "METHODS" PATH [PATH ...]
+"""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+CORESETS = ["coreset-random", "coreset-herding", "coreset-kcenter", "coreset-forgetting"]
+SEEDS = {"": 0, "_s1": 1, "_s2": 2}
+
+
+def cpu_model() -> str:
+    info = Path("/proc/cpuinfo")
+    for line in info.read_text().splitlines() if info.exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def r1(results: Path) -> pd.DataFrame:
+    """TR@1 / IR@1 per method (rows), mean over the evaluation seeds."""
+    ev = pd.concat(pd.read_parquet(p) for p in results.glob("*/eval/*/*/**/seed*.parquet"))
+    ev = ev[ev["metric"].isin(["TR@1", "IR@1"])]
+    return ev.groupby(["method", "metric"])["value"].mean().unstack()
+
+
+def job_cost(results: Path, method: str) -> tuple[float, float, float]:
+    """(seconds per iteration, peak RSS in MB, loss last/first) of a method's distillation
+    jobs: the rule's benchmark file (whole job: loading included) over the curve's length,
+    the mean over its seeds."""
+    per_it, rss, ratio = [], [], []
+    for suffix in SEEDS:
+        name = f"{method}{suffix}"
+        for tsv in results.glob(f"benchmarks/*/distilled/*/{name}/n*.tsv"):
+            curve = next(results.glob(f"*/distilled/*/{name}/{tsv.stem}/curve.parquet"))
+            c = pd.read_parquet(curve)
+            b = pd.read_csv(tsv, sep="\t")
+            per_it.append(float(b["s"].iloc[-1]) / max(1, len(c)))
+            rss.append(float(b["max_rss"].iloc[-1]))
+            k = max(1, len(c) // 5)
+            ratio.append(c["matching_loss"][-k:].mean() / c["matching_loss"][:k].mean())
+    return (float(np.mean(per_it)) if per_it else float("nan"),
+            float(np.max(rss)) if rss else float("nan"),
+            float(np.max(ratio)) if ratio else float("nan"))
+
+
+def section(path: str, results: Path, methods: list[str]) -> list[str]:
+    m = r1(results)
+    full = m.loc["full"]
+    cores = m.loc[[c for c in CORESETS if c in m.index]]
+    lines = [f"### {path}", "",
+             f"Full data: TR@1 {full['TR@1']:.1f}, IR@1 {full['IR@1']:.1f}. Coresets (TR@1 / IR@1): "
+             + ", ".join(f"{c.split('-')[1]} {cores.loc[c, 'TR@1']:.1f} / {cores.loc[c, 'IR@1']:.1f}"
+                         for c in cores.index) + ".", "",
+             "| method | TR@1 (3 seeds) | IR@1 | worst seed TR@1 / IR@1 | seeds beating every "
+             "coreset on both | % of full R@1 | s / iteration | peak RSS MB | loss last/first (max) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for method in methods:
+        names = [f"distilled-{method}{s}" for s in SEEDS if f"distilled-{method}{s}" in m.index]
+        if not names:
+            continue
+        s = m.loc[names]
+        mean, std = s.mean(), s.std(ddof=0)
+        worst = s.loc[(s["TR@1"] + s["IR@1"]).idxmin()]
+        wins = int(((s["TR@1"] > cores["TR@1"].max()) & (s["IR@1"] > cores["IR@1"].max())).sum())
+        pct = 100 * (mean["TR@1"] + mean["IR@1"]) / (full["TR@1"] + full["IR@1"])
+        per_it, rss, ratio = job_cost(results, method)
+        lines.append(f"| {method} | {mean['TR@1']:.1f} +- {std['TR@1']:.1f} | "
+                     f"{mean['IR@1']:.1f} +- {std['IR@1']:.1f} | {worst['TR@1']:.1f} / "
+                     f"{worst['IR@1']:.1f} | {wins} of {len(s)} | {pct:.0f}% | {per_it:.2f} | "
+                     f"{rss:.0f} | {ratio:.2f} |")
+    return lines + [""]
+
+
+def main():
+    work, secs, commit, command, methods = sys.argv[1:6]
+    paths = sys.argv[6:]
+    methods = methods.split()
+    isa = torch.backends.cpu.get_cpu_capability()
+    out = ["# The methods side by side: emoji, 100 pairs", "",
+           f"Regenerate: `{command}` (DATA_DIR built by `../shared/datasets/emoji/prepare.py "
+           "DATA_DIR`): `config/config.yaml` + `config/emoji.yaml` at budget 100, each method "
+           "with distill.seed 0, 1, 2, 3 evaluation seeds each; numeric paths " +
+           ", ".join(f"`{p}`" for p in paths) + " (`default`: ATEN_CPU_CAPABILITY=default).",
+           f"Run {pd.Timestamp.now():%Y-%m-%d} on {os.cpu_count()} CPU cores ({cpu_model()}; "
+           f"native kernels {isa}), no GPU, git {commit}: {int(secs) // 60} min {int(secs) % 60} s "
+           f"wall for the whole command (load average {os.environ.get('LOADS', '?')}).", "",
+           "Recall in percent; a seed's figure is the mean over its 3 evaluation seeds. "
+           "`s / iteration`: the distill job's wall time (loading included) over its "
+           "iterations, mean over the seeds; `peak RSS`: the largest of the seeds' jobs "
+           "(Snakemake's benchmark files). LoRS distils 99 pairs and its similarity matrix for a "
+           "budget of 100 (distill.lors.pay_for_similarity).", ""]
+    for path in paths:
+        out += section(path, Path(work) / path / "results", methods)
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""The outer optimisation of a distillation: which method a label runs, how many pairs a
+budget buys, the optimiser of each kind of distilled tensor, and the clipping of its
+meta-gradients."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .errors import VlddError
+
+# distill.method: the algorithm a label runs (a variant's label <method>_<name> runs its main
+# method's); any other label runs the paper's
+ALGORITHMS = ("mtt", "lors")
+
+
+def algorithm(method: str) -> str:
+    for name in ALGORITHMS:
+        if method == name or method.startswith(f"{name}_"):
+            return name
+    return "mtt"
+
+
+def pairs_to_distil(cfg, budget: int) -> int:
+    """The number of pairs a budget buys: one less for LoRS when S is paid for with a pair."""
+    if algorithm(cfg.method) == "lors" and cfg.lors.pay_for_similarity:
+        if budget < 3:
+            raise VlddError(f"distill budget {budget}: LoRS with lors.pay_for_similarity "
+                            "distils budget - 1 pairs and needs at least 2; choose a budget "
+                            ">= 3 or set distill.lors.pay_for_similarity: false.")
+        return budget - 1
+    return budget
+
+
+def make_optimizer(cfg, params, lr):
+    """The optimiser of one kind of distilled tensor (pixels, texts or the lrs):
+    distill.optimizer sgd (with distill.momentum, as the seed code) or adam (per-element
+    steps of about lr whatever the gradient's scale)."""
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=(float(cfg.momentum), 0.999))
+    return torch.optim.SGD(params, lr=lr, momentum=float(cfg.momentum))
+
+
+# distill.clip: a meta-gradient is compared with the median of its norms over this many
+# previous iterations (from the curve, so a resumed run clips the same), once that many exist
+CLIP_WINDOW = 20
+GRAD_COLUMNS = ["grad_images", "grad_texts", "grad_lr_image", "grad_lr_text"]
+
+
+def clip(grads, curve, columns, factor):
+    """distill.clip: each meta-gradient (pixels, texts, each lr) scaled down to at most
+    factor x the median of its norms over the last CLIP_WINDOW rows of `curve` (whose
+    `columns` hold those norms); unchanged with factor None or before CLIP_WINDOW rows. A
+    chaotic unroll now and then gives a meta-gradient 10-100x the usual; Adam (beta2 0.999
+    lags) would take a step up to ~16x its usual size with it, undoing many iterations.
+    Gradients after the four (LoRS's similarity) are not clipped."""
+    if factor is None or len(curve) < CLIP_WINDOW:
+        return grads
+    out = list(grads)
+    for i, (g, col) in enumerate(zip(grads, columns)):
+        norms = [row[col] for row in curve[-CLIP_WINDOW:] if math.isfinite(row[col])]
+        if g is None or not norms:
+            continue
+        cap, norm = float(factor) * float(np.median(norms)), float(g.norm())
+        if norm > cap > 0:
+            out[i] = g * (cap / norm)
+    return out
