@@ -180,10 +180,14 @@ def test_without_paying_for_s_a_lors_set_has_budget_pairs_and_a_budget_of_2_is_r
                   "cpu")
 
 
-@pytest.mark.parametrize("engine", ["checkpointed", "constant-memory", "heads-only"])
+@pytest.mark.parametrize("engine", ["checkpointed", "constant-memory", "heads-only", "adam-log"])
 def test_every_engine_moves_the_similarity(store, engine):
+    """(adam-log: the exact engine under the default's outer optimisation: Adam, log-lrs,
+    clipping)"""
+    over = ({"optimizer": "adam", "lr_space": "log", "clip": 3.0, "lr_lr": 0.02}
+            if engine == "adam-log" else {"engine": engine})
     d = Distiller(store / "data", store / "emb.h5", [store / "expert_0.h5"], MODEL,
-                  {**LORS, "engine": engine, "max_start_epoch": 2}, 7, "cpu")
+                  {**LORS, **over, "max_start_epoch": 2}, 7, "cpu")
     before = [p.detach().clone() for p in d.similarity.params]
     for _ in range(2):     # (start epoch 0 gives zero gradients on the store: see above)
         d.iterate()

@@ -166,7 +166,7 @@ class Distiller:
             grads = [a if b is None else (b / n if a is None else a + b / n)
                      for a, b in zip(grads, g)]
         if self.lr_space == "log":   # d/dlog(lr) = lr * d/dlr
-            grads[2:] = [None if g is None else g * self._lr(i) for i, g in enumerate(grads[2:])]
+            grads[2:4] = [None if g is None else g * self._lr(i) for i, g in enumerate(grads[2:4])]
         return value, terms, grads, (e, start)
 
     def iterate(self, checkpoint_kept: bool = False) -> float:
