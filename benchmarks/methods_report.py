@@ -90,14 +90,15 @@ def main():
     out = ["# The methods side by side: emoji, 100 pairs", "",
            f"Regenerate: `{command}` (DATA_DIR built by `../shared/datasets/emoji/prepare.py "
            "DATA_DIR`): `config/config.yaml` + `config/emoji.yaml` at budget 100, each method "
-           "with distill.seed 0, 1, 2, 3 evaluation seeds each; numeric paths " +
+           "with distill.seed 0, 1 and 2, each set evaluated with 3 seeds; numeric paths " +
            ", ".join(f"`{p}`" for p in paths) + " (`default`: ATEN_CPU_CAPABILITY=default).",
            f"Run {pd.Timestamp.now():%Y-%m-%d} on {os.cpu_count()} CPU cores ({cpu_model()}; "
            f"native kernels {isa}), no GPU, git {commit}: {int(secs) // 60} min {int(secs) % 60} s "
            f"wall for the whole command (load average {os.environ.get('LOADS', '?')}).", "",
            "Recall in percent; a seed's figure is the mean over its 3 evaluation seeds. "
            "`s / iteration`: the distill job's wall time (loading included) over its "
-           "iterations, mean over the seeds; `peak RSS`: the largest of the seeds' jobs "
+           "iterations, mean over the seeds (it depends on what else ran on the machine); "
+           "`peak RSS`: the largest of the seeds' jobs "
            "(Snakemake's benchmark files). LoRS distils 99 pairs and its similarity matrix for a "
            "budget of 100 (distill.lors.pay_for_similarity).", ""]
     for path in paths:
