@@ -11,7 +11,9 @@ that `distill.engine` names (vldd.engines): exact backpropagation through all st
 default, or the checkpointed (exact, less memory), constant-memory (TESLA, approximate) or
 heads-only (image encoder frozen) engines. The student is one module evaluated with
 torch.func.functional_call on flat parameter vectors; the frozen image trunk runs on the
-distilled pixels once per iteration.
+distilled pixels once per iteration. With distill.method lors (Xu et al., ICML 2024) a
+learned similarity matrix over the pairs (vldd.similarity) is the students' soft target and
+is learned with the data. The outer optimisation's parts live in vldd.outer.
 """
 from __future__ import annotations
 
