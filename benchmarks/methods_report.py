@@ -7,7 +7,6 @@ data, and each method's time and memory per distillation job.
 from __future__ import annotations
 
 import os
-import platform
 import sys
 from pathlib import Path
 
@@ -15,16 +14,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-CORESETS = ["coreset-random", "coreset-herding", "coreset-kcenter", "coreset-forgetting"]
+from emoji_report import CORESETS, cpu_model   # (beside this file)
+
 SEEDS = {"": 0, "_s1": 1, "_s2": 2}
-
-
-def cpu_model() -> str:
-    info = Path("/proc/cpuinfo")
-    for line in info.read_text().splitlines() if info.exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def r1(results: Path) -> pd.DataFrame:

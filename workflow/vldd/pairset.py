@@ -124,18 +124,13 @@ def check_pairset(path, ps: PairSet) -> None:
                         f"caption_ids {ps.caption_ids.shape} do not make {n} pairs. {fix}")
     arrays = [("images", ps.images), ("texts", ps.texts)]
     if ps.similarity is not None:
-        from .similarity import Similarity
         try:
-            sim = Similarity.from_arrays(ps.similarity["kind"], ps.similarity["arrays"],
-                                         ps.similarity["alpha"])
-            shape_ok = sim.n == n and all(
-                len(p) == n and (sim.kind == "lowrank" or p.shape == (n, n))
-                for p in sim.params)
-        except (KeyError, IndexError, RuntimeError) as exc:
+            shape = ps.similarity_matrix().shape
+        except (KeyError, IndexError, ValueError) as exc:
             raise VlddError(f"{path}: damaged similarity group ({exc}). {fix}") from exc
-        if not shape_ok:
-            raise VlddError(f"{path}: the similarity parameters "
-                            f"{[tuple(p.shape) for p in sim.params]} do not fit {n} pairs. {fix}")
+        if shape != (n, n):
+            raise VlddError(f"{path}: the similarity parameters make an S of {shape}, which "
+                            f"does not fit {n} pairs. {fix}")
         arrays += [(f"similarity/{k}", v) for k, v in ps.similarity["arrays"].items()]
     for name, arr in arrays:
         if not np.isfinite(arr).all():

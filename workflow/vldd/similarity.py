@@ -69,16 +69,3 @@ class Similarity:
     def arrays(self) -> dict:
         return {name: p.detach().cpu().numpy().astype(np.float32)
                 for name, p in zip(self.NAMES[self.kind], self.params)}
-
-    @classmethod
-    def from_arrays(cls, kind: str, arrays: dict, alpha: float, device=None):
-        if kind not in KINDS:
-            raise VlddError(f"similarity kind '{kind}' is unknown: choose one of "
-                            f"{', '.join(KINDS)}.")
-        return cls(kind, [torch.as_tensor(np.asarray(arrays[name]), device=device)
-                          for name in cls.NAMES[kind]], alpha)
-
-    def is_identity(self) -> bool:
-        with torch.no_grad():
-            m = self.matrix()
-            return bool(torch.equal(m, torch.eye(len(m), dtype=m.dtype, device=m.device)))

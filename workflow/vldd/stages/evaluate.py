@@ -104,11 +104,7 @@ def evaluate(data_dir, embeddings_path, pairset_path, model_section, eval_cfg, s
     n = len(ps.images)
     targets = None
     if ps.loss == "wbce":   # LoRS: the weighted BCE against the learned S
-        from ..similarity import Similarity
-        sim = ps.similarity
-        with torch.no_grad():
-            targets = Similarity.from_arrays(sim["kind"], sim["arrays"], sim["alpha"],
-                                             device=dev).matrix()
+        targets = torch.as_tensor(ps.similarity_matrix()).to(dev)
     test = RealData(prepared, emb, model, "test", dev)
     epochs = int(eval_cfg.epochs)
     best = {"epoch": None, "metrics": None}
