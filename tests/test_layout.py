@@ -158,3 +158,47 @@ def test_no_config_default_is_written_in_the_stages():
                     and node.func.attr == "get" and isinstance(node.func.value, ast.Name)
                     and node.func.value.id.endswith("cfg")):
                 pytest.fail(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+
+
+def _schema_keys(node: dict) -> set:
+    out = set()
+    for key, sub in (node.get("properties") or {}).items():
+        out |= {key} | _schema_keys(sub)
+    return out
+
+
+def test_no_config_default_is_written_in_the_library():
+    """Nowhere in the package but vldd/config.py does a `.get("<config key>", default)` write a
+    default of its own (an empty '' / {} / None fallback for a file's metadata is not one):
+    the library fills partial settings from the schema (config.filled)."""
+    keys = _schema_keys(yaml.safe_load(config.SCHEMA.read_text()))
+    found = []
+    for path in _modules():
+        if path.name == "config.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "get" and len(node.args) == 2
+                    and isinstance(node.args[0], ast.Constant) and node.args[0].value in keys
+                    and ast.unparse(node.args[1]) not in ("''", "{}", "None", "'{}'")):
+                found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+    assert found == []
+
+
+def test_the_library_fills_partial_settings_with_the_schemas_defaults():
+    from vldd.encoders.weights import text_location
+    from vldd.engines import EngineOptions
+    from vldd.model import logit_scale
+
+    schema = yaml.safe_load(config.SCHEMA.read_text())
+    model = _schema_defaults(schema["properties"]["model"])
+    distill = _schema_defaults(schema["properties"]["distill"])
+    assert logit_scale({}) == 1.0 / model["temperature"]
+    assert logit_scale({"temperature": 0.5}) == 2.0
+    opts = EngineOptions.from_config({})
+    assert (opts.autocast, opts.tf32, opts.channels_last, opts.segment) == (
+        distill["autocast"], distill["tf32"], distill["channels_last"], distill["segment_steps"])
+    # the schema's text weights are a package: a partial spec loads it, not the hub
+    assert model["text_encoder"]["weights"].startswith("package:")
+    assert text_location({}) == text_location({"weights": model["text_encoder"]["weights"]})
+    assert text_location({}) != text_location({"weights": "hub"})

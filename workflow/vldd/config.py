@@ -129,6 +129,14 @@ def fill(path: str, value=_MISSING, drop=()):
     return _fill(node(path), value if value is _MISSING else copy.deepcopy(value), drop)
 
 
+def filled(path: str, value) -> dict:
+    """The settings at `path` as a plain dict with the schema's defaults: from a stage's typed
+    section (its as_dict()) or a partial dict (a test, a benchmark, an older file's config)."""
+    if dataclasses.is_dataclass(value):
+        value = value.as_dict()
+    return fill(path, {} if value is None else value)
+
+
 def _fill(spec: dict, value, drop=()):
     props = spec.get("properties")
     if value is _MISSING:

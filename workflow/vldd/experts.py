@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .config import lora_spec, text_spec
+from .config import filled, lora_spec, text_spec
 from .errors import VlddError
 from .io import config_hash, open_h5
 from .model import build_model
@@ -39,15 +39,16 @@ def check_experts_data(trajectories, data_dir, embeddings_path):
 
 
 def _image_spec_key(spec: dict) -> dict:
-    key = {"name": spec.get("name"), "weights": spec.get("weights", "hub"),
-           "trainable": spec.get("trainable", "all"), "kwargs": spec.get("kwargs") or {}}
+    spec = filled("model.image_encoder", spec)
+    key = {"name": spec["name"], "weights": spec["weights"], "trainable": spec["trainable"],
+           "kwargs": spec["kwargs"] or {}}
     if key["trainable"] == "lora":  # adapters of another alpha or dropout are another model
-        key["lora"] = {k: v for k, v in lora_spec(spec.get("lora")).items() if k != "seed"}
+        key["lora"] = {k: v for k, v in lora_spec(spec["lora"]).items() if k != "seed"}
     return key
 
 
-# model keys besides the encoders that change what an expert learns, with their defaults
-MODEL_DEFAULTS = {"head_dropout": 0.1, "temperature": 0.07, "quirk_inner_log_scale": False}
+# model keys besides the encoders that change what an expert learns
+MODEL_KEYS = ("head_dropout", "temperature", "quirk_inner_log_scale")
 
 
 def check_expert_model(t, model_cfg: dict) -> None:
@@ -63,8 +64,9 @@ def check_expert_model(t, model_cfg: dict) -> None:
             _other_model(t.path, key, norm(theirs), norm(model_cfg[key]))
     if not theirs_model:
         return
-    for key, default in MODEL_DEFAULTS.items():
-        theirs, ours = theirs_model.get(key, default), model_cfg.get(key, default)
+    theirs_model, model_cfg = filled("model", theirs_model), filled("model", model_cfg)
+    for key in MODEL_KEYS:
+        theirs, ours = theirs_model[key], model_cfg[key]
         if theirs != ours:
             _other_model(t.path, f"model.{key}", theirs, ours)
 

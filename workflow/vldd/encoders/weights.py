@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import filled
 from ..errors import VlddError
 
 # Packages that ship image weights: package -> (module, class, timm architecture).
@@ -84,7 +85,8 @@ def _load_state_dict_file(path: Path) -> dict:
 def text_location(spec: dict) -> str:
     """Where transformers loads the text encoder of `spec` from: a package's folder (and the
     Hugging Face hub switched offline unless set otherwise), a local folder or a hub name."""
-    kind, arg = _split_source(spec.get("weights", "hub"))
+    spec = filled("model.text_encoder", spec)
+    kind, arg = _split_source(spec["weights"])
     if kind == "package":
         if arg not in TEXT_WEIGHT_PACKAGES:
             raise VlddError(f"unknown text weights package '{arg}': known are "

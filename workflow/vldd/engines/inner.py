@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
+from ..config import filled
 from ..losses import contrastive_loss, wbce_loss
 from .fastpath import unroll_tail
 
@@ -23,10 +24,12 @@ class EngineOptions:
     segment: int | None = None    # checkpointed: steps per snapshot (None: ceil(sqrt(K)))
 
     @classmethod
-    def from_config(cls, cfg: dict):
-        seg = cfg.get("segment_steps")
-        return cls(autocast=str(cfg.get("autocast", "none")), tf32=bool(cfg.get("tf32", False)),
-                   channels_last=bool(cfg.get("channels_last", True)),
+    def from_config(cls, cfg):
+        """From distill settings (a typed section or a dict; missing keys: the schema's)."""
+        cfg = filled("distill", cfg)
+        seg = cfg["segment_steps"]
+        return cls(autocast=str(cfg["autocast"]), tf32=bool(cfg["tf32"]),
+                   channels_last=bool(cfg["channels_last"]),
                    segment=None if seg is None else int(seg))
 
 
