@@ -359,25 +359,33 @@ def test_paper_config_plans_the_papers_experiments(tmp_path, paper):
         "all": 1}, counts
 
 
-def test_lors_paper_config_plans_on_the_paper_config(tmp_path):
-    """config/flickr30k-lors.yaml on config/flickr30k.yaml: one LoRS distillation (budget
-    100), the coresets at that budget, 5 evaluation seeds each; its settings are LoRS's."""
+@pytest.mark.parametrize("method", ["lors", "repblend"])
+def test_successor_paper_configs_plan_on_the_paper_config(tmp_path, method):
+    """config/flickr30k-{lors,repblend}.yaml on config/flickr30k.yaml: one distillation
+    (budget 100), the coresets at that budget, 5 evaluation seeds each, 20 experts of its
+    model; its settings are the method's scripts'."""
     ann = _karpathy_fixture(tmp_path / "raw")
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     out = subprocess.run(
         [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "-n",
          "--quiet", "rules", "--cores", "2", "--configfile", str(REPO / "config" / "flickr30k.yaml"),
-         str(REPO / "config" / "flickr30k-lors.yaml"), "--config",
+         str(REPO / "config" / f"flickr30k-{method}.yaml"), "--config",
          f"dataset={{karpathy: {{annotations: '{ann}', image_root: '{tmp_path / 'raw' / 'imgs'}'}}}}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     counts = job_counts(out.stdout + out.stderr)
     assert counts["distill"] == 1 and counts["select_coreset"] == 4
     assert counts["evaluate"] == (1 + 4) * 5 and counts["train_expert"] == 20
-    d = yaml.safe_load((REPO / "config" / "flickr30k-lors.yaml").read_text())["distill"]
+    cfg = yaml.safe_load((REPO / "config" / f"flickr30k-{method}.yaml").read_text())
+    d = cfg["distill"]
     assert (d["method"], d["engine"], d["mini_batch"], d["lors"]["rank"], d["lors"]["alpha"],
-            d["lors"]["lr_sim"]) == ("lors", "constant-memory", 20, 10, 3, 10)
+            d["lors"]["lr_sim"], d["lr_image"], d["iterations"]) == (
+        method, "constant-memory", 20, 10, 3, 10, 100, 3000)
+    if method == "repblend":    # the frozen NFNet with two heads: experts of their own
+        assert cfg["model"] == {"name": "nfnet_l0-bert-heads", "image_encoder": {
+            "name": "nfnet_l0", "weights": "hub", "trainable": "heads"}}
+        assert d["repblend"]["alpha"] == 1.0
 
 
 def test_emoji_benchmark_config_reads_its_data_path_from_config(tmp_path):

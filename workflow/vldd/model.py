@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from .config import filled
-from .encoders import ImageTower, TextHead, build_image_encoder, to_model_input
+from .encoders import ImageTower, ProjectionHead, TextHead, build_image_encoder, to_model_input
 from .trajectory import ParamLayout
 
 
@@ -69,12 +69,27 @@ class DualEncoder:
 def build_model(model_cfg: dict, text_dim: int, seed: int) -> DualEncoder:
     """A fresh student: pretrained image tower, text head initialised from `seed` (and, with
     trainable lora, LoRA A matrices from image_encoder.lora.seed, or `seed` when null; the B
-    matrices are zero, so the image encoder starts as the pretrained one)."""
+    matrices are zero, so the image encoder starts as the pretrained one; with trainable
+    heads, an image projection head as the tower's tail)."""
     model_cfg = filled("model", model_cfg)
     tower = build_image_encoder(model_cfg["image_encoder"], seed=seed)
+    if model_cfg["image_encoder"]["trainable"] == "heads":
+        tower.tail = _image_head(tower.num_features, model_cfg["head_dropout"], seed)
     torch.manual_seed(seed)
     head = TextHead(text_dim, tower.num_features, model_cfg["head_dropout"])
     return DualEncoder(tower, head)
+
+
+IMAGE_HEAD_SEED = 7919   # offset of the image head's initialisation stream from the model seed
+
+
+def _image_head(width: int, dropout: float, seed: int) -> ProjectionHead:
+    """trainable heads (RepBlend): a projection head width -> width on the frozen encoder's
+    pooled features, the text head's structure, drawn from its own stream of `seed` (the
+    global generator is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + IMAGE_HEAD_SEED)
+        return ProjectionHead(width, width, dropout)
 
 
 class PixelBatches:

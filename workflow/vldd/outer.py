@@ -12,7 +12,9 @@ from .errors import VlddError
 
 # distill.method: the algorithm a label runs (a variant's label <method>_<name> runs its main
 # method's); any other label runs the paper's
-ALGORITHMS = ("mtt", "lors")
+ALGORITHMS = ("mtt", "lors", "repblend")
+# the algorithms that learn a similarity matrix over the pairs (distill.lors)
+WITH_SIMILARITY = ("lors", "repblend")
 
 
 def algorithm(method: str) -> str:
@@ -23,10 +25,11 @@ def algorithm(method: str) -> str:
 
 
 def pairs_to_distil(cfg, budget: int) -> int:
-    """The number of pairs a budget buys: one less for LoRS when S is paid for with a pair."""
-    if algorithm(cfg.method) == "lors" and cfg.lors.pay_for_similarity:
+    """The number of pairs a budget buys: one less for LoRS and RepBlend when S is paid for
+    with a pair."""
+    if algorithm(cfg.method) in WITH_SIMILARITY and cfg.lors.pay_for_similarity:
         if budget < 3:
-            raise VlddError(f"distill budget {budget}: LoRS with lors.pay_for_similarity "
+            raise VlddError(f"distill budget {budget}: {cfg.method} with lors.pay_for_similarity "
                             "distils budget - 1 pairs and needs at least 2; choose a budget "
                             ">= 3 or set distill.lors.pay_for_similarity: false.")
         return budget - 1

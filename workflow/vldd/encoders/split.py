@@ -14,8 +14,9 @@ import torch.nn as nn
 from ..errors import VlddError
 from .lora import add_lora
 
-TRAINABLE_HELP = ("all, none, last:K (the last K blocks and the layers after them) or lora "
-                  "(the whole encoder frozen, LoRA adapters trained)")
+TRAINABLE_HELP = ("all, none, last:K (the last K blocks and the layers after them), lora "
+                  "(the whole encoder frozen, LoRA adapters trained) or heads (the whole "
+                  "encoder frozen, an image projection head trained)")
 
 
 def _blocks(seq):
@@ -91,10 +92,12 @@ def _split_vit(model: nn.Module, k: int):
 
 def split_tower(model: nn.Module, trainable: str, lora: dict | None = None, seed: int = 0):
     """(trunk, tail) of a timm model with num_classes=0 for `trainable` all | none | last:K |
-    lora. The tail holds the parameters that are trained (requires_grad) and recorded."""
+    lora | heads. The tail holds the parameters that are trained (requires_grad) and recorded.
+    With heads the encoder is the trunk and the tail empty here: vldd.model.build_model puts
+    the image projection head there (its width and dropout are the model's)."""
     if trainable == "all":
         return nn.Identity(), model
-    if trainable == "none":
+    if trainable in ("none", "heads"):
         return model, nn.Sequential()
     if trainable == "lora":
         # Adapters sit inside every block, so no part of the encoder can be precomputed:

@@ -124,8 +124,9 @@ def embed_texts(tower: TextTower, texts, batch_size=256, device="cpu", progress=
     return out[inverse.reshape(-1)]
 
 
-class TextHead(nn.Module):
-    """p = Linear(d_in, D)(x); out = LayerNorm(D)(p + Dropout(Linear(D, D)(GELU(p))))."""
+class ProjectionHead(nn.Module):
+    """p = Linear(d_in, D)(x); out = LayerNorm(D)(p + Dropout(Linear(D, D)(GELU(p)))): the
+    text head on sentence embeddings, and with trainable heads the image head (RepBlend)."""
 
     def __init__(self, d_in: int, d_out: int, dropout: float = 0.1):
         super().__init__()
@@ -138,3 +139,6 @@ class TextHead(nn.Module):
         p = self.projection(x)
         h = self.dropout(self.fc(F.gelu(p)))
         return self.layer_norm(h + p)
+
+
+TextHead = ProjectionHead

@@ -45,7 +45,10 @@ class Unroll:
     logit scale `scale`. `opts`: numerics and layout. `terms`, when a dict, receives each
     encoder's normalised term of the matching loss. `similarity` (LoRS, vldd.similarity):
     the steps train on the weighted BCE against its blocks instead, and the engines return
-    the gradients of its parameters after the four others.
+    the gradients of its parameters after the four others. `blend` (RepBlend): every step
+    blends its batch's trunk features and texts with a permutation of themselves, lambda ~
+    Beta(blend, blend) (drawn, like dropout, from the default generator, so the recomputing
+    engines replay it).
     """
     model: nn.Module
     layouts: dict
@@ -58,6 +61,7 @@ class Unroll:
     opts: EngineOptions = field(default_factory=EngineOptions)
     terms: dict | None = None
     similarity: object | None = None
+    blend: float | None = None
 
     def leaves(self):
         """The learnable leaves besides pixels, texts and lrs (LoRS's similarity)."""
@@ -92,12 +96,29 @@ class Unroll:
         flat parameters th_i (image tail) and th_t (text head). x_b are the trunk features of
         its images, or, with th_i None, the image encoder's output itself (the tail not
         unrolled)."""
+        if self.blend is not None:
+            lam, perm = draw_blend(len(x_b), self.blend, x_b.device)
+            x_b, texts_b = blend(x_b, texts_b, lam, perm)
         img_f = x_b if th_i is None else self.image_features(th_i, x_b)
         txt_f = functional_call(self.model.head, self.layouts["text"].unflatten(th_t),
                                 (texts_b,))
         if self.similarity is not None:
             return wbce_loss(img_f, txt_f, self.scale, self.similarity.block(b))
         return contrastive_loss(img_f, txt_f, self.scale)
+
+
+def draw_blend(n: int, alpha: float, device):
+    """RepBlend's draw for one step of n pairs: lambda ~ Beta(alpha, alpha) and a permutation,
+    from the default generator of `device`."""
+    a = torch.tensor(float(alpha), device=device)
+    return torch.distributions.Beta(a, a).sample(), torch.randperm(n, device=device)
+
+
+def blend(x, y, lam, perm):
+    """Representation blending: lam * v + (1 - lam) * v[perm] for the image features x and the
+    text embeddings y, the same lambda and permutation for both (the targets stay those of
+    the unblended pairs)."""
+    return lam * x + (1 - lam) * x[perm], lam * y + (1 - lam) * y[perm]
 
 
 def distilled_trunk_features(model, pixels, opts: EngineOptions | None = None, grad=True):

@@ -13,7 +13,10 @@ heads-only (image encoder frozen) engines. The student is one module evaluated w
 torch.func.functional_call on flat parameter vectors; the frozen image trunk runs on the
 distilled pixels once per iteration. With distill.method lors (Xu et al., ICML 2024) a
 learned similarity matrix over the pairs (vldd.similarity) is the students' soft target and
-is learned with the data. The outer optimisation's parts live in vldd.outer.
+is learned with the data; distill.method repblend (RepBlend, NeurIPS 2025) adds
+representation blending to every student step (vldd.engines.inner.blend; the paper trains
+image and text projection heads on a frozen encoder: model.image_encoder.trainable heads).
+The outer optimisation's parts live in vldd.outer.
 """
 from __future__ import annotations
 
@@ -35,7 +38,8 @@ from ..model import build_model, logit_scale, resolve_device
 from ..pairset import PairSet, write_pairset
 from ..prepared import load_embeddings, load_prepared
 from ..progress import Progress
-from ..outer import GRAD_COLUMNS, algorithm, clip, make_optimizer, pairs_to_distil
+from ..outer import (GRAD_COLUMNS, WITH_SIMILARITY, algorithm, clip, make_optimizer,
+                     pairs_to_distil)
 from ..realdata import initial_pairs
 from ..similarity import Similarity
 from ..train import train_mode
@@ -99,9 +103,9 @@ class Distiller:
                            make_optimizer(cfg, [self.texts], float(cfg.lr_text)),
                            make_optimizer(cfg, self.lr_params, float(cfg.lr_lr))]
         self.learn = {"image": cfg.learn_images, "text": cfg.learn_texts, "lr": cfg.learn_lr}
-        # LoRS: the similarity matrix over the distilled pairs, learned with its own lr
+        # LoRS, RepBlend: the similarity matrix over the distilled pairs, with its own lr
         self.similarity = None
-        if self.algorithm == "lors":
+        if self.algorithm in WITH_SIMILARITY:
             lc = cfg.lors
             self.similarity = Similarity.identity(
                 n_pairs, lc.similarity, lc.rank, lc.alpha, seed=cfg.seed,
@@ -150,7 +154,8 @@ class Distiller:
         problem = Unroll(self.model, self.layouts, theta0, target,
                          syn_steps=int(cfg.syn_steps), mini_batch=int(cfg.mini_batch),
                          scale=logit_scale(self.model_cfg, inner_loop=True), gen=self.gen,
-                         opts=self.opts, terms=terms, similarity=self.similarity)
+                         opts=self.opts, terms=terms, similarity=self.similarity,
+                         blend=cfg.repblend.alpha if self.algorithm == "repblend" else None)
         loss, grads = meta_gradient(self.engine, problem, self.images, self.texts, lrs[0], lrs[1])
         return e, start, float(loss), terms, grads
 
