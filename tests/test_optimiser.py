@@ -129,7 +129,7 @@ def test_select_best_saves_the_state_of_the_best_window_and_survives_a_checkpoin
         d.iterate()
     losses = [row[1] for row in d.curve]
     best = int(np.argmin(losses))
-    images, texts, lrs, iteration = d.chosen()
+    images, texts, lrs, _, iteration = d.chosen()
     assert iteration == best
     assert np.array_equal(images, states[best][0].numpy())
     assert np.array_equal(texts, states[best][1].numpy())
@@ -141,12 +141,12 @@ def test_select_best_saves_the_state_of_the_best_window_and_survives_a_checkpoin
     save_distiller(d, ckpt, "k")
     again = _distiller(store, **one, select="best", select_window=1)
     assert load_distiller(again, ckpt, "k")
-    assert np.array_equal(again.chosen()[0], images) and again.chosen()[2:] == (lrs, best)
+    assert np.array_equal(again.chosen()[0], images) and again.chosen()[2:] == (lrs, None, best)
     last = _distiller(store, **one)
     for _ in range(2):
         last.iterate()
     assert np.array_equal(last.chosen()[0], last.images.detach().numpy())
-    assert last.chosen()[3] == 2
+    assert last.chosen()[4] == 2
 
 
 def test_clip_caps_each_meta_gradient_at_a_multiple_of_its_recent_median_norm(store):
@@ -179,3 +179,31 @@ def test_clip_caps_each_meta_gradient_at_a_multiple_of_its_recent_median_norm(st
     assert float(out[2]) == pytest.approx(0.2)      # 0.5 -> 2 x 0.1
     assert float(out[3]) == pytest.approx(-2.0)     # -7 -> -(2 x 1.0), sign kept
     assert all(a is b for a, b in zip(none.clipped(grads), grads))   # clip null
+
+
+def test_ema_with_decay_0_saves_the_raw_tensors_and_an_ema_is_their_running_average(store,
+                                                                                  tmp_path):
+    """distill.ema: decay 0 gives the same pair set as no ema, byte for byte; decay 0.5 saves
+    the average 0.5^k x_0 + ... of the iterates (checked against one kept by hand), and a
+    checkpoint carries it."""
+    one = {**ROBUST, "segments": 1}
+    runs = {}
+    for ema in (None, 0.0, 0.5):    # one after the other: dropout uses the global generator
+        d = runs[ema] = _distiller(store, **one, ema=ema)
+        avg = d.images.detach().clone()
+        for _ in range(3):
+            d.iterate()
+            avg = 0.5 * avg + 0.5 * d.images.detach()
+    plain, zero, half = runs[None], runs[0.0], runs[0.5]
+    a, b = plain.pairset(), zero.pairset()
+    assert np.array_equal(a.images, b.images) and np.array_equal(a.texts, b.texts)
+    assert (a.lr_image, a.lr_text) == (b.lr_image, b.lr_text)
+    h = half.pairset()
+    assert np.allclose(h.images, avg.numpy(), rtol=1e-6, atol=1e-7)
+    assert not np.allclose(h.images, half.images.detach().numpy())
+    ckpt = tmp_path / "c.h5"
+    save_distiller(half, ckpt, "k")
+    again = _distiller(store, **one, ema=0.5)
+    assert load_distiller(again, ckpt, "k")
+    assert np.array_equal(again.pairset().images, h.images)
+    assert np.array_equal(again.pairset().texts, h.texts)

@@ -180,6 +180,9 @@ def save_distiller(d, path, key) -> None:
         if d.similarity is not None:    # LoRS
             for name, arr in d.similarity.arrays().items():
                 h5_dataset(f, f"similarity/{name}", arr)
+        if d.ema is not None:           # distill.ema
+            for name, arr in d.ema.arrays().items():
+                h5_dataset(f, f"ema/{name}", arr)
         save_rngs(f, d.gen, d.dev)
         save_optimizers(f, d.optimizers)
         best = None
@@ -216,6 +219,8 @@ def load_distiller(d, path, key) -> bool:
             if d.similarity is not None:
                 for p, name in zip(d.similarity.params, d.similarity.NAMES[d.similarity.kind]):
                     p.copy_(torch.as_tensor(f[f"similarity/{name}"][()]))
+        if d.ema is not None:
+            d.ema.load({k: v[()] for k, v in f["ema"].items()})
         load_rngs(f, d.gen, d.dev)
         meta = json.loads(f.attrs["meta"])
         d.order = list(meta["order"])

@@ -1,6 +1,6 @@
 """The outer optimisation of a distillation: which method a label runs, how many pairs a
-budget buys, the optimiser of each kind of distilled tensor, and the clipping of its
-meta-gradients."""
+budget buys, the optimiser of each kind of distilled tensor, the curve's diagnostics, the
+clipping of the meta-gradients and the moving average of the learned tensors (distill.ema)."""
 from __future__ import annotations
 
 import math
@@ -45,6 +45,27 @@ def make_optimizer(cfg, params, lr):
     return torch.optim.SGD(params, lr=lr, momentum=float(cfg.momentum))
 
 
+# The curve: one row per iteration. term_*: each encoder's normalised matching term;
+# grad_*: the norm of the meta-gradient of the pixels, the texts and each lr; step_*: the
+# update of the pixels / texts relative to their norm.
+DIAGNOSTICS = ["term_image", "term_text", "grad_images", "grad_texts", "grad_lr_image",
+               "grad_lr_text", "step_images", "step_texts"]
+CURVE_COLUMNS = ["iteration", "matching_loss", "lr_image", "lr_text", "expert",
+                 "start_epoch"] + DIAGNOSTICS
+
+
+def _norm(t):
+    return float("nan") if t is None else float(t.detach().float().norm())
+
+
+def diagnostics(terms, grads, before, after):
+    """The DIAGNOSTICS of an iteration's curve row."""
+    out = [float(terms[g]) if g in terms else float("nan") for g in ("image", "text")]
+    out += [_norm(g) for g in grads]
+    out += [_norm(a - b) / max(_norm(b), 1e-12) for a, b in zip(after, before)]
+    return out
+
+
 # distill.clip: a meta-gradient is compared with the median of its norms over this many
 # previous iterations (from the curve, so a resumed run clips the same), once that many exist
 CLIP_WINDOW = 20
@@ -69,3 +90,27 @@ def clip(grads, curve, columns, factor):
         if norm > cap > 0:
             out[i] = g * (cap / norm)
     return out
+
+
+class Ema:
+    """distill.ema (PTM-ST): an exponential moving average of every learned tensor (pixels,
+    texts, the lrs' parameters, S's parameters), updated after each step as
+    shadow = decay * shadow + (1 - decay) * tensor; the saved pair set is the average, not
+    the last step. With decay 0 the average is the tensors themselves."""
+
+    def __init__(self, decay: float, tensors: dict):
+        self.decay = float(decay)
+        self.shadow = {k: t.detach().clone() for k, t in tensors.items()}
+
+    @torch.no_grad()
+    def update(self, tensors: dict) -> None:
+        for k, t in tensors.items():
+            self.shadow[k].mul_(self.decay).add_(t.detach(), alpha=1.0 - self.decay)
+
+    def arrays(self) -> dict:
+        return {k: v.cpu().numpy().copy() for k, v in self.shadow.items()}
+
+    @torch.no_grad()
+    def load(self, arrays: dict) -> None:
+        for k, v in self.shadow.items():
+            v.copy_(torch.as_tensor(arrays[k]))

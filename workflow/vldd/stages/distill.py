@@ -38,33 +38,13 @@ from ..model import build_model, logit_scale, resolve_device
 from ..pairset import PairSet, write_pairset
 from ..prepared import load_embeddings, load_prepared
 from ..progress import Progress
-from ..outer import (GRAD_COLUMNS, WITH_SIMILARITY, algorithm, clip, make_optimizer,
-                     pairs_to_distil)
+from ..outer import (CURVE_COLUMNS, GRAD_COLUMNS, WITH_SIMILARITY, Ema, algorithm, clip,
+                     diagnostics, make_optimizer, pairs_to_distil)
 from ..realdata import initial_pairs
 from ..similarity import Similarity
 from ..train import train_mode
 
 log = logging.getLogger(__name__)
-
-# The curve: one row per iteration. term_*: each encoder's normalised matching term;
-# grad_*: the norm of the meta-gradient of the pixels, the texts and each lr; step_*: the
-# update of the pixels / texts relative to their norm.
-DIAGNOSTICS = ["term_image", "term_text", "grad_images", "grad_texts", "grad_lr_image",
-               "grad_lr_text", "step_images", "step_texts"]
-CURVE_COLUMNS = ["iteration", "matching_loss", "lr_image", "lr_text", "expert",
-                 "start_epoch"] + DIAGNOSTICS
-
-
-def _norm(t):
-    return float("nan") if t is None else float(t.detach().float().norm())
-
-
-def _diagnostics(terms, grads, before, after):
-    out = [float(terms[g]) if g in terms else float("nan") for g in ("image", "text")]
-    out += [_norm(g) for g in grads]
-    out += [_norm(a - b) / max(_norm(b), 1e-12) for a, b in zip(after, before)]
-    return out
-
 
 class Distiller:
     """The state of one distillation run: data, lrs, optimisers, rngs; checkpointable
@@ -113,6 +93,7 @@ class Distiller:
             lr_sim = cfg.lr_text if lc.lr_sim is None else lc.lr_sim
             self.optimizers.append(make_optimizer(cfg, self.similarity.params, float(lr_sim)))
             self.learn["similarity"] = True
+        self.ema = None if cfg.ema is None else Ema(cfg.ema, self.learned())
         self.rng = np.random.default_rng(cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         torch.manual_seed(cfg.seed)  # dropout inside the unroll
@@ -197,6 +178,28 @@ class Distiller:
     def _sim_params(self):
         return [] if self.similarity is None else self.similarity.params
 
+    def learned(self) -> dict:
+        """The learned tensors by name: pixels, texts, the lrs' parameters, S's."""
+        out = {"images": self.images, "texts": self.texts, "lr_image": self.lr_params[0],
+               "lr_text": self.lr_params[1]}
+        if self.similarity is not None:
+            out.update(zip(self.similarity.NAMES[self.similarity.kind], self.similarity.params))
+        return out
+
+    def saved_state(self):
+        """(pixels, texts, [lr_image, lr_text], S's arrays or None) as a pair set would hold
+        them now: the tensors, or with distill.ema their moving average."""
+        if self.ema is None:
+            return (self.images.detach().cpu().numpy().copy(),     # (not a view on CPU)
+                    self.texts.detach().cpu().numpy().copy(),
+                    [float(self._lr(i)) for i in range(2)], self._sim_state())
+        a = self.ema.arrays()
+        lrs = [torch.as_tensor(a[k]) for k in ("lr_image", "lr_text")]   # as _lr computes
+        lrs = [float(v.exp() if self.lr_space == "log" else v) for v in lrs]
+        sim = (None if self.similarity is None else
+               {k: a[k] for k in self.similarity.NAMES[self.similarity.kind]})
+        return a["images"], a["texts"], lrs, sim
+
     def _sim_state(self):
         return None if self.similarity is None else self.similarity.arrays()
 
@@ -208,14 +211,15 @@ class Distiller:
     def step(self, grads):
         """One optimiser step of the learned tensors (those distill.learn_* leaves on) with
         the meta-gradients `grads` (clipped by distill.clip); the lrs kept at or above
-        distill.lr_min. Returns (pixels, texts, lrs, S's arrays or None) before the step."""
+        distill.lr_min; the moving average updated (distill.ema). Returns the pixels and
+        texts before the step and (select best) the saved_state() of then."""
         grads = self.clipped(grads)
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         for p, g in zip((self.images, self.texts, *self.lr_params, *self._sim_params()), grads):
             p.grad = g
         before = (self.images.detach().clone(), self.texts.detach().clone(),
-                  [float(self._lr(i)) for i in range(2)], self._sim_state())
+                  self.saved_state() if self.cfg.select == "best" else None)
         for opt, learn in zip(self.optimizers, ("image", "text", "lr", "similarity")):
             if self.learn[learn]:
                 opt.step()
@@ -226,44 +230,37 @@ class Distiller:
             with torch.no_grad():
                 for p in self.lr_params:
                     p.clamp_(min=floor)
+        if self.ema is not None:
+            self.ema.update(self.learned())
         return before
 
     def record(self, loss, terms, grads, before, where):
         """The curve's row of this iteration; with select best, the best window so far."""
-        diag = _diagnostics(terms, grads[:4], before[:2], (self.images.detach(),
+        diag = diagnostics(terms, grads[:4], before[:2], (self.images.detach(),
                                                        self.texts.detach()))
         self.curve.append((self.iteration, loss, float(self.lr_img), float(self.lr_txt),
                            *where, *diag))
         if self.cfg.select == "best" and len(self.curve) >= self.window:
             mean = float(np.mean([row[1] for row in self.curve[-self.window:]]))
             if self.best is None or mean < self.best["loss"]:
-                # the state this iteration was scored with, the last of the window
-                self.best = {"loss": mean, "iteration": self.iteration,
-                             "images": before[0].cpu().numpy(),
-                             "texts": before[1].cpu().numpy(), "lrs": before[2],
-                             "similarity": before[3]}
+                # the state this iteration was scored with (with ema: the average of then),
+                # the last of the window
+                images, texts, lrs, sim = before[2]
+                self.best = {"loss": mean, "iteration": self.iteration, "images": images,
+                             "texts": texts, "lrs": lrs, "similarity": sim}
         self.iteration += 1
 
     def chosen(self):
-        """(images, texts, [lr_image, lr_text], iteration) of the data to save: the last state,
-        or with select best the best window's (the last state while no window is complete)."""
+        """(images, texts, [lr_image, lr_text], S's arrays or None, iteration) of the data to
+        save: the last state (with ema its average), or with select best the best window's
+        (the last state while no window is complete)."""
         if self.cfg.select == "best" and self.best is not None:
             b = self.best
-            return b["images"], b["texts"], b["lrs"], b["iteration"]
-        return (self.images.detach().cpu().numpy(), self.texts.detach().cpu().numpy(),
-                [float(self.lr_img), float(self.lr_txt)], self.iteration)
-
-    def chosen_similarity(self):
-        """LoRS: the arrays of S that go with chosen()'s data (None for other methods)."""
-        if self.similarity is None:
-            return None
-        if self.cfg.select == "best" and self.best is not None:
-            return self.best["similarity"]
-        return self._sim_state()
+            return b["images"], b["texts"], b["lrs"], b["similarity"], b["iteration"]
+        return (*self.saved_state(), self.iteration)
 
     def pairset(self):
-        images, texts, lrs, iteration = self.chosen()
-        sim = self.chosen_similarity()
+        images, texts, lrs, sim, iteration = self.chosen()
         if sim is not None and not all(np.isfinite(a).all() for a in sim.values()):
             raise VlddError("the learned similarity matrix holds NaN or inf: lower "
                             "distill.lors.lr_sim.")
