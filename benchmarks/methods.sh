@@ -4,13 +4,16 @@
 # evaluation seeds each, against the four coresets and full data, on each numeric path of
 # NUMERICS. config/config.yaml + config/emoji.yaml, budgets [100]; the methods share the
 # experts, coresets and full-data runs of their path (one workdir per path, one snakemake run
-# per method). Writes the table to OUT.
+# per method). All on one model: TRAINABLE heads (default; RepBlend's symmetric projection
+# matching: Lite0 frozen, image and text projection heads trained, model lite0-minilm-heads)
+# or the default config's last:1 (model lite0-minilm). Writes the table to OUT.
 #
 #   benchmarks/methods.sh DATA_DIR [WORKDIR]
 #
 # DATA_DIR: the emoji set built by ../shared/datasets/emoji/prepare.py DATA_DIR. WORKDIR
 # (default benchmarks/results/methods) is not committed. Environment:
-#   METHODS   default "mtt lors"
+#   METHODS   default "mtt lors repblend"
+#   TRAINABLE heads (default) or last:1
 #   NUMERICS  "native" and/or "default" (ATEN_CPU_CAPABILITY=default); default "native default"
 #   OUT       default benchmarks/methods.md
 #   CORES     snakemake's cores, default 2
@@ -24,7 +27,13 @@ WORK=${2:-benchmarks/results/methods}
 mkdir -p "$WORK"
 WORK=$(realpath "$WORK")
 CORES=${CORES:-2}
-METHODS=${METHODS:-mtt lors}
+METHODS=${METHODS:-mtt lors repblend}
+TRAINABLE=${TRAINABLE:-heads}
+case "$TRAINABLE" in
+    heads) MODEL=lite0-minilm-heads ;;
+    last:1) MODEL=lite0-minilm ;;
+    *) echo "TRAINABLE must be heads or last:1" >&2; exit 2 ;;
+esac
 NUMERICS=${NUMERICS:-native default}
 OUT=${OUT:-benchmarks/methods.md}
 start=$(date +%s)
@@ -33,6 +42,9 @@ for method in $METHODS; do
     cat > "$WORK/$method.yaml" <<YAML
 dataset:
   karpathy: {annotations: '$DATA/dataset_emoji.json', image_root: '$DATA'}
+model:
+  name: $MODEL
+  image_encoder: {trainable: '$TRAINABLE'}
 distill:
   method: $method
   budgets: [100]
@@ -56,8 +68,9 @@ done
 secs=$(( $(date +%s) - start ))
 command="benchmarks/methods.sh DATA_DIR"
 [ "$NUMERICS" != "native default" ] && command="NUMERICS=\"$NUMERICS\" $command"
-[ "$METHODS" != "mtt lors" ] && command="METHODS=\"$METHODS\" $command"
+[ "$METHODS" != "mtt lors repblend" ] && command="METHODS=\"$METHODS\" $command"
+[ "$TRAINABLE" != heads ] && command="TRAINABLE=$TRAINABLE $command"
 LOADS="$load_start at the start, $(cut -d' ' -f1 /proc/loadavg 2>/dev/null || echo "?") at the end, on $(nproc) cores" \
     python benchmarks/methods_report.py "$WORK" "$secs" "$(git rev-parse --short HEAD)" \
-    "$command" "$METHODS" $NUMERICS > "$OUT"
+    "$command" "$METHODS" "$MODEL" $NUMERICS > "$OUT"
 cat "$OUT"

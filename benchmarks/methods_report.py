@@ -2,7 +2,7 @@
 distillation seeds (each the mean over its evaluation seeds) against the coresets and full
 data, and each method's time and memory per distillation job.
 
-    python benchmarks/methods_report.py WORKDIR SECONDS COMMIT COMMAND "METHODS" PATH [PATH ...]
+    python benchmarks/methods_report.py WORKDIR SECONDS COMMIT COMMAND "METHODS" MODEL PATH [PATH ...]
 """
 from __future__ import annotations
 
@@ -19,22 +19,23 @@ from emoji_report import CORESETS, cpu_model   # (beside this file)
 SEEDS = {"": 0, "_s1": 1, "_s2": 2}
 
 
-def r1(results: Path) -> pd.DataFrame:
-    """TR@1 / IR@1 per method (rows), mean over the evaluation seeds."""
-    ev = pd.concat(pd.read_parquet(p) for p in results.glob("*/eval/*/*/**/seed*.parquet"))
+def r1(results: Path, model: str) -> pd.DataFrame:
+    """TR@1 / IR@1 per method (rows) of `model`, mean over the evaluation seeds."""
+    ev = pd.concat(pd.read_parquet(p)
+                   for p in results.glob(f"*/eval/{model}/*/**/seed*.parquet"))
     ev = ev[ev["metric"].isin(["TR@1", "IR@1"])]
     return ev.groupby(["method", "metric"])["value"].mean().unstack()
 
 
-def job_cost(results: Path, method: str) -> tuple[float, float, float]:
+def job_cost(results: Path, model: str, method: str) -> tuple[float, float, float]:
     """(seconds per iteration, peak RSS in MB, loss last/first) of a method's distillation
     jobs: the rule's benchmark file (whole job: loading included) over the curve's length,
     the mean over its seeds."""
     per_it, rss, ratio = [], [], []
     for suffix in SEEDS:
         name = f"{method}{suffix}"
-        for tsv in results.glob(f"benchmarks/*/distilled/*/{name}/n*.tsv"):
-            curve = next(results.glob(f"*/distilled/*/{name}/{tsv.stem}/curve.parquet"))
+        for tsv in results.glob(f"benchmarks/*/distilled/{model}/{name}/n*.tsv"):
+            curve = next(results.glob(f"*/distilled/{model}/{name}/{tsv.stem}/curve.parquet"))
             c = pd.read_parquet(curve)
             b = pd.read_csv(tsv, sep="\t")
             per_it.append(float(b["s"].iloc[-1]) / max(1, len(c)))
@@ -46,8 +47,8 @@ def job_cost(results: Path, method: str) -> tuple[float, float, float]:
             float(np.max(ratio)) if ratio else float("nan"))
 
 
-def section(path: str, results: Path, methods: list[str]) -> list[str]:
-    m = r1(results)
+def section(path: str, results: Path, methods: list[str], model: str) -> list[str]:
+    m = r1(results, model)
     full = m.loc["full"]
     cores = m.loc[[c for c in CORESETS if c in m.index]]
     lines = [f"### {path}", "",
@@ -66,7 +67,7 @@ def section(path: str, results: Path, methods: list[str]) -> list[str]:
         worst = s.loc[(s["TR@1"] + s["IR@1"]).idxmin()]
         wins = int(((s["TR@1"] > cores["TR@1"].max()) & (s["IR@1"] > cores["IR@1"].max())).sum())
         pct = 100 * (mean["TR@1"] + mean["IR@1"]) / (full["TR@1"] + full["IR@1"])
-        per_it, rss, ratio = job_cost(results, method)
+        per_it, rss, ratio = job_cost(results, model, method)
         lines.append(f"| {method} | {mean['TR@1']:.1f} +- {std['TR@1']:.1f} | "
                      f"{mean['IR@1']:.1f} +- {std['IR@1']:.1f} | {worst['TR@1']:.1f} / "
                      f"{worst['IR@1']:.1f} | {wins} of {len(s)} | {pct:.0f}% | {per_it:.2f} | "
@@ -75,14 +76,17 @@ def section(path: str, results: Path, methods: list[str]) -> list[str]:
 
 
 def main():
-    work, secs, commit, command, methods = sys.argv[1:6]
-    paths = sys.argv[6:]
+    work, secs, commit, command, methods, model = sys.argv[1:7]
+    paths = sys.argv[7:]
     methods = methods.split()
     isa = torch.backends.cpu.get_cpu_capability()
     out = ["# The methods side by side: emoji, 100 pairs", "",
            f"Regenerate: `{command}` (DATA_DIR built by `../shared/datasets/emoji/prepare.py "
            "DATA_DIR`): `config/config.yaml` + `config/emoji.yaml` at budget 100, each method "
-           "with distill.seed 0, 1 and 2, each set evaluated with 3 seeds; numeric paths " +
+           f"with distill.seed 0, 1 and 2, each set evaluated with 3 seeds, model `{model}`"
+           + (" (Lite0 frozen, image and text projection heads trained: "
+              "`image_encoder.trainable: heads`)" if model.endswith("-heads") else "")
+           + "; numeric paths " +
            ", ".join(f"`{p}`" for p in paths) + " (`default`: ATEN_CPU_CAPABILITY=default).",
            f"Run {pd.Timestamp.now():%Y-%m-%d} on {os.cpu_count()} CPU cores ({cpu_model()}; "
            f"native kernels {isa}), no GPU, git {commit}: {int(secs) // 60} min {int(secs) % 60} s "
@@ -92,9 +96,9 @@ def main():
            "iterations, mean over the seeds (it depends on what else ran on the machine); "
            "`peak RSS`: the largest of the seeds' jobs "
            "(Snakemake's benchmark files). LoRS distils 99 pairs and its similarity matrix for a "
-           "budget of 100 (distill.lors.pay_for_similarity).", ""]
+           "budget of 100 (distill.lors.pay_for_similarity); so does RepBlend.", ""]
     for path in paths:
-        out += section(path, Path(work) / path / "results", methods)
+        out += section(path, Path(work) / path / "results", methods, model)
     print("\n".join(out))
 
 
