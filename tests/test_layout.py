@@ -16,7 +16,7 @@ from vldd import config
 
 PACKAGE = Path(__file__).resolve().parents[1] / "workflow" / "vldd"
 STAGES = PACKAGE / "stages"
-STAGE_MODULES = {"prepare_dataset", "embed_captions", "train_expert", "distill",
+STAGE_MODULES = {"prepare_dataset", "embed_captions", "train_expert", "shortcut_expert", "distill",
                  "select_coreset", "evaluate", "summarize", "figures", "inspect"}
 
 

@@ -359,7 +359,7 @@ def test_paper_config_plans_the_papers_experiments(tmp_path, paper):
         "all": 1}, counts
 
 
-@pytest.mark.parametrize("method", ["lors", "repblend"])
+@pytest.mark.parametrize("method", ["lors", "repblend", "ptmst"])
 def test_successor_paper_configs_plan_on_the_paper_config(tmp_path, method):
     """config/flickr30k-{lors,repblend}.yaml on config/flickr30k.yaml: one distillation
     (budget 100), the coresets at that budget, 5 evaluation seeds each, 20 experts of its
@@ -379,9 +379,14 @@ def test_successor_paper_configs_plan_on_the_paper_config(tmp_path, method):
     assert counts["evaluate"] == (1 + 4) * 5 and counts["train_expert"] == 20
     cfg = yaml.safe_load((REPO / "config" / f"flickr30k-{method}.yaml").read_text())
     d = cfg["distill"]
-    assert (d["method"], d["engine"], d["mini_batch"], d["lors"]["rank"], d["lors"]["alpha"],
-            d["lors"]["lr_sim"], d["lr_image"], d["iterations"]) == (
-        method, "constant-memory", 20, 10, 3, 10, 100, 3000)
+    lr, iterations = (1000, 2000) if method == "ptmst" else (100, 3000)
+    assert (d["method"], d["engine"], d["mini_batch"], d["lors"]["lr_sim"], d["lr_image"],
+            d["iterations"]) == (method, "constant-memory", 20, 10, lr, iterations)
+    if method == "ptmst":      # the shortcuts of every expert's epochs 0-6, a full S, an EMA
+        assert counts["shortcut_expert"] == 20
+        assert (d["shortcut"], d["ema"], d["lors"]["similarity"]) == ([0, 6], 0.99, "full")
+    else:
+        assert (d["lors"]["rank"], d["lors"]["alpha"]) == (10, 3)
     if method == "repblend":    # the frozen NFNet with two heads: experts of their own
         assert cfg["model"] == {"name": "nfnet_l0-bert-heads", "image_encoder": {
             "name": "nfnet_l0", "weights": "hub", "trainable": "heads"}}

@@ -130,10 +130,15 @@ def embeddings_file(dataset=DATASET):
 
 
 def expert_files(wildcards):
+    """The experts a distillation matches: as trained, or their shortcut trajectories over
+    the window distill.shortcut of its method (PTM-ST)."""
+    window = distill_section(wildcards.method)["shortcut"]
+    folder = f"shortcut_{window[0]}_{window[1]}/" if window else ""
     return expand(
-        "results/{dataset}/experts/{model}/expert_{i}.h5",
+        "results/{dataset}/experts/{model}/{folder}expert_{i}.h5",
         dataset=wildcards.dataset,
         model=wildcards.model,
+        folder=folder,
         i=EXPERTS,
     )
 

@@ -107,6 +107,11 @@ def cmd_train_expert(a, cfg):
                  device=a.device)
 
 
+def cmd_shortcut_expert(a, cfg):
+    from .stages.shortcut_expert import shortcut_expert
+    shortcut_expert(a.expert, a.window, a.out)
+
+
 def cmd_distill(a, cfg):
     from .stages.distill import distill
     distill(a.data, a.embeddings, a.experts, cfg["model"], cfg["distill"], a.budget, a.out,
@@ -183,6 +188,11 @@ def _compute_stages(sub):
     s.add_argument("--out", required=True, type=Path)
     s = _stage(sub, "train-expert", cmd_train_expert, "train one expert and record its trajectory")
     s.add_argument("--index", required=True, type=int)
+    s.add_argument("--out", required=True, type=Path)
+    s = _stage(sub, "shortcut-expert", cmd_shortcut_expert,
+               "an expert trajectory straightened over a window of epochs (PTM-ST)", inputs=())
+    s.add_argument("--expert", required=True, type=Path)
+    s.add_argument("--window", required=True, type=int, nargs=2, metavar=("A", "B"))
     s.add_argument("--out", required=True, type=Path)
     s = _stage(sub, "distill", cmd_distill, "bi-trajectory matching into a pair set")
     s.add_argument("--experts", required=True, type=Path, nargs="+")

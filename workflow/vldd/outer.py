@@ -12,9 +12,10 @@ from .errors import VlddError
 
 # distill.method: the algorithm a label runs (a variant's label <method>_<name> runs its main
 # method's); any other label runs the paper's
-ALGORITHMS = ("mtt", "lors", "repblend")
-# the algorithms that learn a similarity matrix over the pairs (distill.lors)
-WITH_SIMILARITY = ("lors", "repblend")
+ALGORITHMS = ("mtt", "lors", "repblend", "ptmst")
+# the algorithms that learn a similarity matrix over the pairs (distill.lors); ptmst is LoRS's
+# algorithm, its own parts are settings (distill.shortcut, distill.ema, lors.similarity full)
+WITH_SIMILARITY = ("lors", "repblend", "ptmst")
 
 
 def algorithm(method: str) -> str:

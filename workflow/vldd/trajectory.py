@@ -208,3 +208,26 @@ class Trajectory:
 
     def close(self):
         self.file.close()
+
+
+def straighten(rows: torch.Tensor, layout: ParamLayout) -> torch.Tensor:
+    """PTM-ST's shortcut of a trajectory segment: rows [K + 1, P] (epochs s..s+K of one group)
+    -> each parameter tensor l moved onto the straight line from its first to its last row,
+    theta_l(t) = (1 - beta_l(t)) theta_l(0) + beta_l(t) theta_l(K), at its own cumulative speed
+    beta_l(t) = (path length of l up to t) / (its whole path length) (0 for a tensor that
+    never moves). The end rows are kept bit for bit."""
+    out = rows.clone()
+    k = rows.shape[0] - 1
+    if k < 2 or rows.shape[1] == 0:
+        return out
+    start = 0
+    for n in layout.numels:
+        seg = rows[:, start:start + n].double()
+        steps = (seg[1:] - seg[:-1]).norm(dim=1)                 # [K]
+        total = steps.sum()
+        beta = steps.cumsum(0)[:-1] / total if total > 0 else torch.zeros(k - 1,
+                                                                         dtype=seg.dtype)
+        line = (1 - beta[:, None]) * seg[0] + beta[:, None] * seg[-1]
+        out[1:k, start:start + n] = line.to(rows.dtype)
+        start += n
+    return out
