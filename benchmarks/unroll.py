@@ -220,6 +220,12 @@ def parse(argv=None):
                    help="largest syn_steps of the sweep run with the reference (16: on CPU "
                         "at 64 px it needs ~0.3 GB more per step)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    p.add_argument("--method", default="mtt", choices=["mtt", "lors", "repblend"],
+                   help="the inner problem of distill.method: mtt (InfoNCE), lors (WBCE against "
+                        "a learned low-rank S, rank 10, alpha 3, moved off the identity; its "
+                        "gradient is the fifth leaf), repblend (lors plus representation "
+                        "blending; its paper's model is --trainable heads). The reference "
+                        "engine runs mtt only")
     p.add_argument("--sensitivity", action="store_true",
                    help="measure the meta-gradient's sensitivity to a relative 1e-6 "
                         "perturbation even when the gradient check passes (it is measured "
@@ -246,7 +252,8 @@ def parse(argv=None):
 
 
 def write_results(args, stamp, info, payload):
-    name = (f"unroll-{args.device.replace(':', '')}-{args.resolution}px-b{args.budget}-"
+    name = (f"unroll-{'' if args.method == 'mtt' else args.method + '-'}"
+            f"{args.device.replace(':', '')}-{args.resolution}px-b{args.budget}-"
             f"k{args.syn_steps}-{stamp.replace(':', '')}.json")
     harness.write_json(args.out, name, {
         "date": stamp, "machine": info,
@@ -257,7 +264,8 @@ def print_header(args, stamp, info):
     print(f"vldd unroll benchmark, {stamp}; {info['platform']}; torch {info['torch']}; "
           f"device {args.device}; {info['cpu_count']} CPUs, {info['torch_threads']} torch threads"
           + (f"; {info['gpu']}" if "gpu" in info else ""))
-    print(f"{args.image_encoder} ({args_model_cfg(args)['image_encoder']['weights']}, trainable "
+    print(f"method {args.method}: {args.image_encoder} "
+          f"({args_model_cfg(args)['image_encoder']['weights']}, trainable "
           f"{args.trainable}) + MiniLM text head; "
           f"{args.resolution} px, {args.budget} pairs, syn_steps {args.syn_steps}, mini_batch "
           f"{args.mini_batch}; precision {precision_label(args)}; {args.warmup} warm-up + "
@@ -298,6 +306,10 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    if args.method != "mtt" and "reference" in engines:
+        engines.remove("reference")
+        print(f"(--method {args.method}: the seed code's reference has no similarity matrix; "
+              "it is left out)")
     unknown = set(engines) - set(ENGINES)
     if unknown:
         raise SystemExit(f"unknown engines {sorted(unknown)}: choose from {ENGINES}")

@@ -87,6 +87,17 @@ class Setup:
         self.texts = data["texts"].to(self.dev).requires_grad_(True)
         self.lr_img = torch.tensor(args.lr, device=self.dev, requires_grad=True)
         self.lr_txt = torch.tensor(args.lr, device=self.dev, requires_grad=True)
+        self.method = getattr(args, "method", "mtt")
+        self.similarity = None
+        if self.method != "mtt":     # LoRS's S, moved off the identity (R = 0 at the start)
+            from vldd.similarity import Similarity
+            self.similarity = Similarity.identity(len(self.texts), "lowrank", 10, 3.0, seed=0,
+                                                  device=self.dev)
+            with torch.no_grad():
+                right = self.similarity.params[2]
+                right.copy_(0.05 * torch.randn(right.shape,
+                                               generator=torch.Generator().manual_seed(1)))
+            self.similarity.requires_grad_(True)
 
     def build_student(self):
         from vldd.model import build_model
@@ -103,7 +114,9 @@ class Setup:
         gen = torch.Generator().manual_seed(iteration)
         torch.manual_seed(1000 + iteration)
         u = Unroll(self.model, self.layouts, self.theta0, self.target, syn_steps=syn_steps,
-                   mini_batch=self.args.mini_batch, scale=1 / 0.07, gen=gen, opts=opts)
+                   mini_batch=self.args.mini_batch, scale=1 / 0.07, gen=gen, opts=opts,
+                   similarity=self.similarity,
+                   blend=1.0 if self.method == "repblend" else None)
         leaves = (self.pixels, self.texts, self.lr_img, self.lr_txt)
         if engine == "reference":
             return reference_meta_gradient(self.build_student, u, *leaves)
