@@ -65,6 +65,8 @@ def make_problem(args, path):
 class Setup:
     """Everything an engine needs, on the device; the same for every engine."""
 
+    method, similarity = "mtt", None      # (--method lors / repblend: set in __init__)
+
     def __init__(self, args, problem_path):
         from vldd.engines import EngineOptions, apply_backend
         from vldd.model import build_model, resolve_device
