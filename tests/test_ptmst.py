@@ -60,6 +60,8 @@ def test_the_shortcut_stage_writes_an_expert_that_distill_reads(store, tmp_path)
     assert np.array_equal(t.file["metrics"]["loss"][()], s.file["metrics"]["loss"][1:3])
     t.close()
     s.close()
+    from test_results_layout import ARTIFACTS, check_h5    # the file is as documented
+    check_h5(out, next(a for a in ARTIFACTS if "/shortcut_{a}_{b}/" in a.pattern))
     d = Distiller(store / "data", store / "emb.h5", [out], MODEL,
                   {**DISTILL, "shortcut": [1, 3], "max_start_epoch": 1, "expert_epochs": 2}, 6,
                   "cpu")
