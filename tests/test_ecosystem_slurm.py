@@ -22,7 +22,8 @@ EVERYTHING = {
     "coresets": {"kinds": ["random", "herding", "kcenter", "forgetting"]},
     "evaluate": {"seeds": [0], "cross_architectures": {
         "resnet18": {"name": "resnet18", "weights": "none"}}},
-    "distill": {"variants": {"textonly": {"learn_images": False}}},
+    "distill": {"variants": {"textonly": {"learn_images": False},
+                             "short": {"shortcut": [0, 3]}}},
     "full": {"enabled": True},
 }
 

@@ -17,4 +17,4 @@ rule shortcut_expert:
     threads: 1
     shell:
         "python -m vldd --threads {threads} shortcut-expert --expert {input:q}"
-        " --window {wildcards.a} {wildcards.b} --out {output:q} > {log:q} 2>&1"
+        " --window {wildcards.a:q} {wildcards.b:q} --out {output:q} > {log:q} 2>&1"
