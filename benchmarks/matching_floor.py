@@ -38,7 +38,6 @@ sys.path.insert(0, str(REPO / "workflow"))
 from vldd.stages.distill import Distiller  # noqa: E402
 from vldd.engines import Unroll, distilled_trunk_features, unroll  # noqa: E402
 from vldd.realdata import RealData, train_on_real  # noqa: E402
-from vldd.model import logit_scale  # noqa: E402
 from vldd.pairset import read_pairset  # noqa: E402
 from vldd.train import train_mode  # noqa: E402
 
@@ -92,7 +91,7 @@ def student_fit(distiller, pixels, texts, lr_img, lr_txt, syn_steps, expert_epoc
     """Mean over targets, per group: term, cosine, term at the best scale and per tensor. The
     student takes syn_steps full-batch steps (every pair, in order) from each start."""
     model, layouts = distiller.model, distiller.layouts
-    scale = logit_scale(distiller.model_cfg, inner_loop=True)
+    scale = distiller.scale
     train_mode(model)
     torch.manual_seed(0)
     feats = distilled_trunk_features(model, pixels, distiller.opts, grad=False).detach()

@@ -44,3 +44,25 @@ def tiny_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("tiny")
     snakemake(work)
     return work
+
+
+def straight_and_resumed(store, experts, model, cfg, budget, root):
+    """One distillation run straight through into root/straight, and the same run resumed from
+    a checkpoint written after its second iteration into root/resumed (what a job killed
+    after that checkpoint does when rerun): the two folders, for the caller to compare."""
+    from vldd.checkpoint import save_distiller
+    from vldd.stages.distill import Distiller, checkpoint_key, distill
+
+    out = {}
+    for name in ("straight", "resumed"):
+        out[name] = root / name
+        out[name].mkdir(parents=True, exist_ok=True)
+        if name == "resumed":
+            d = Distiller(store / "data", store / "emb.h5", experts, model, cfg, budget, "cpu")
+            d.iterate()
+            d.iterate()
+            save_distiller(d, out[name] / "pairs.h5.ckpt.h5",
+                           checkpoint_key(model, cfg, budget, experts))
+        distill(store / "data", store / "emb.h5", experts, model, cfg, budget,
+                out[name] / "pairs.h5", out[name] / "curve.parquet", device="cpu")
+    return out["straight"], out["resumed"]

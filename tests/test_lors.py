@@ -11,15 +11,14 @@ import pandas as pd
 import pytest
 import torch
 
-from vldd.checkpoint import save_distiller
 from vldd.engines import Unroll, meta_gradient
 from vldd.losses import wbce_loss
 from vldd.pairset import read_pairset
 from vldd.similarity import Similarity
-from vldd.stages.distill import Distiller, checkpoint_key, distill
+from vldd.stages.distill import Distiller
 from vldd.stages.evaluate import evaluate
 
-from conftest import DISTILL, EVAL, MODEL  # the `store` fixture: conftest
+from conftest import DISTILL, EVAL, MODEL, straight_and_resumed  # and the `store` fixture
 
 LORS = {**DISTILL, "method": "lors", "lors": {"rank": 2, "alpha": 1.0, "lr_sim": 0.5}}
 
@@ -137,36 +136,22 @@ def test_engines_agree_on_the_similarity_gradient(store):
     assert float(torch.nn.functional.cosine_similarity(grads["constant-memory"], ref, dim=0)) > 0.5
 
 
-def _run(store, out, cfg, budget=7):
-    out.mkdir(parents=True, exist_ok=True)
-    distill(store / "data", store / "emb.h5", [store / "expert_0.h5"], MODEL, cfg, budget,
-            out / "pairs.h5", out / "curve.parquet", device="cpu")
-
-
 @pytest.mark.parametrize("kind", ["lowrank", "full"])
 def test_lors_learns_a_similarity_stores_it_and_resumes_to_identical_bytes(store, tmp_path, kind):
     cfg = {**LORS, "lors": {**LORS["lors"], "similarity": kind}, "select": "best",
            "select_window": 1}
-    _run(store, tmp_path / "straight", cfg)
-    ps = read_pairset(tmp_path / "straight" / "pairs.h5")
+    straight, resumed = straight_and_resumed(store, [store / "expert_0.h5"], MODEL, cfg, 7,
+                                             tmp_path)
+    ps = read_pairset(straight / "pairs.h5")
     assert ps.budget == 7 and len(ps.images) == 6 and ps.method == "lors"
     assert ps.loss == "wbce"                 # S moved off the identity
     m = ps.similarity_matrix()
     assert m.shape == (6, 6) and not np.array_equal(m, np.eye(6, dtype=np.float32))
     from test_results_layout import ARTIFACTS, check_h5    # the file is as documented
     art = next(a for a in ARTIFACTS if a.pattern.endswith("distilled/{model}/{method}/n{N}/pairs.h5"))
-    check_h5(tmp_path / "straight" / "pairs.h5", art)
-    part = tmp_path / "resumed"
-    part.mkdir()
-    d = Distiller(store / "data", store / "emb.h5", [store / "expert_0.h5"], MODEL, cfg, 7,
-                  "cpu")
-    d.iterate()
-    d.iterate()
-    save_distiller(d, part / "pairs.h5.ckpt.h5",
-                   checkpoint_key(MODEL, cfg, 7, [store / "expert_0.h5"]))
-    _run(store, part, cfg)
+    check_h5(straight / "pairs.h5", art)
     for name in ("pairs.h5", "curve.parquet"):
-        assert (part / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
+        assert (resumed / name).read_bytes() == (straight / name).read_bytes(), name
 
 
 def test_without_paying_for_s_a_lors_set_has_budget_pairs_and_a_budget_of_2_is_refused(store):

@@ -16,7 +16,7 @@ from vldd.stages.distill import Distiller
 from vldd.stages.shortcut_expert import shortcut_expert
 from vldd.trajectory import ParamLayout, Trajectory, straighten
 
-from conftest import DISTILL, MODEL  # the `store` fixture: conftest
+from conftest import DISTILL, MODEL, straight_and_resumed  # and the `store` fixture
 from test_workflow import TINY, job_counts, snakemake
 
 
@@ -98,30 +98,15 @@ def test_a_distillation_with_shortcut_plans_the_shortcut_jobs_and_uses_them(tmp_
 
 def test_ptmst_with_shortcut_ema_and_a_full_similarity_resumes_to_identical_bytes(store,
                                                                                    tmp_path):
-    from vldd.checkpoint import save_distiller
     from vldd.pairset import read_pairset
-    from vldd.stages.distill import checkpoint_key, distill
 
     expert = tmp_path / "shortcut_0_3" / "expert_0.h5"
     shortcut_expert(store / "expert_0.h5", (0, 3), expert)
     cfg = {**DISTILL, "method": "ptmst", "shortcut": [0, 3], "ema": 0.9,
            "max_start_epoch": 2, "expert_epochs": 1, "select": "best", "select_window": 1,
            "lors": {"similarity": "full", "lr_sim": 0.5}}
-
-    def run(out):
-        out.mkdir(parents=True, exist_ok=True)
-        distill(store / "data", store / "emb.h5", [expert], MODEL, cfg, 7, out / "pairs.h5",
-                out / "curve.parquet", device="cpu")
-
-    run(tmp_path / "straight")
-    ps = read_pairset(tmp_path / "straight" / "pairs.h5")
+    straight, resumed = straight_and_resumed(store, [expert], MODEL, cfg, 7, tmp_path)
+    ps = read_pairset(straight / "pairs.h5")
     assert ps.method == "ptmst" and len(ps.images) == 6 and ps.similarity_matrix().shape == (6, 6)
-    part = tmp_path / "resumed"
-    part.mkdir()
-    d = Distiller(store / "data", store / "emb.h5", [expert], MODEL, cfg, 7, "cpu")
-    d.iterate()
-    d.iterate()
-    save_distiller(d, part / "pairs.h5.ckpt.h5", checkpoint_key(MODEL, cfg, 7, [expert]))
-    run(part)
     for name in ("pairs.h5", "curve.parquet"):
-        assert (part / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
+        assert (resumed / name).read_bytes() == (straight / name).read_bytes(), name

@@ -6,18 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vldd.checkpoint import save_distiller
 from vldd.encoders import ProjectionHead
 from vldd.engines import Unroll, meta_gradient
 from vldd.engines.inner import blend, draw_blend
 from vldd.model import build_model
 from vldd.pairset import read_pairset
-from vldd.stages.distill import Distiller, checkpoint_key, distill
+from vldd.stages.distill import Distiller, distill
 from vldd.stages.evaluate import evaluate
 from vldd.stages.train_expert import train_expert
 from vldd.trajectory import Trajectory
 
-from conftest import DISTILL, EVAL, EXPERTS, MODEL  # the `store` fixture: conftest
+from conftest import DISTILL, EVAL, EXPERTS, MODEL, straight_and_resumed  # and `store`
 
 HEADS = {**MODEL, "image_encoder": {**MODEL["image_encoder"], "trainable": "heads"}}
 REPBLEND = {**DISTILL, "method": "repblend", "lors": {"rank": 2, "alpha": 1.0, "lr_sim": 0.5},
@@ -125,22 +124,15 @@ def _run(store, expert, out, cfg, budget=7):
 def test_repblend_stores_its_similarity_evaluates_and_resumes_to_identical_bytes(
         store, heads_expert, tmp_path):
     cfg = {**REPBLEND, "select": "best", "select_window": 1}
-    _run(store, heads_expert, tmp_path / "straight", cfg)
-    ps = read_pairset(tmp_path / "straight" / "pairs.h5")
+    straight, resumed = straight_and_resumed(store, [heads_expert], HEADS, cfg, 7, tmp_path)
+    ps = read_pairset(straight / "pairs.h5")
     assert ps.method == "repblend" and ps.budget == 7 and len(ps.images) == 6
     assert ps.loss == "wbce"
-    part = tmp_path / "resumed"
-    part.mkdir()
-    d = Distiller(store / "data", store / "emb.h5", [heads_expert], HEADS, cfg, 7, "cpu")
-    d.iterate()
-    d.iterate()
-    save_distiller(d, part / "pairs.h5.ckpt.h5", checkpoint_key(HEADS, cfg, 7, [heads_expert]))
-    _run(store, heads_expert, part, cfg)
     for name in ("pairs.h5", "curve.parquet"):
-        assert (part / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
+        assert (resumed / name).read_bytes() == (straight / name).read_bytes(), name
     # evaluation trains the two heads on the frozen encoder, with the set's S
     out = tmp_path / "eval.parquet"
-    evaluate(store / "data", store / "emb.h5", tmp_path / "straight" / "pairs.h5", HEADS, EVAL,
+    evaluate(store / "data", store / "emb.h5", straight / "pairs.h5", HEADS, EVAL,
              0, out, dataset="t", device="cpu")
     import pandas as pd
     table = pd.read_parquet(out)

@@ -61,6 +61,7 @@ class Distiller:
         check_engine(self.engine)
         self.opts = EngineOptions.from_config(cfg.as_dict())
         self.model = build_model(model_cfg, emb.shape[1], cfg.seed).to(self.dev)
+        self.scale = logit_scale(model_cfg, inner_loop=True)     # the students' logit scale
         apply_backend(self.opts, self.model, self.dev)
         self.layouts = self.model.layouts()
         self.experts = load_experts(expert_paths, data_dir, embeddings_path, model_cfg, cfg,
@@ -134,7 +135,7 @@ class Distiller:
         terms = {}
         problem = Unroll(self.model, self.layouts, theta0, target,
                          syn_steps=int(cfg.syn_steps), mini_batch=int(cfg.mini_batch),
-                         scale=logit_scale(self.model_cfg, inner_loop=True), gen=self.gen,
+                         scale=self.scale, gen=self.gen,
                          opts=self.opts, terms=terms, similarity=self.similarity,
                          blend=cfg.repblend.alpha if self.algorithm == "repblend" else None)
         loss, grads = meta_gradient(self.engine, problem, self.images, self.texts, lrs[0], lrs[1])
