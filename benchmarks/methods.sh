@@ -12,7 +12,7 @@
 #
 # DATA_DIR: the emoji set built by ../shared/datasets/emoji/prepare.py DATA_DIR. WORKDIR
 # (default benchmarks/results/methods) is not committed. Environment:
-#   METHODS   default "mtt lors repblend"
+#   METHODS   default "mtt lors repblend"; also covmatch
 #   TRAINABLE heads (default) or last:1
 #   NUMERICS  "native" and/or "default" (ATEN_CPU_CAPABILITY=default); default "native default"
 #   OUT       default benchmarks/methods.md
@@ -30,8 +30,8 @@ CORES=${CORES:-2}
 METHODS=${METHODS:-mtt lors repblend}
 TRAINABLE=${TRAINABLE:-heads}
 case "$TRAINABLE" in
-    heads) MODEL=lite0-minilm-heads ;;
-    last:1) MODEL=lite0-minilm ;;
+    heads) MODEL=lite0-minilm-heads; FEATURES=encoder ;;
+    last:1) MODEL=lite0-minilm; FEATURES=joint ;;
     *) echo "TRAINABLE must be heads or last:1" >&2; exit 2 ;;
 esac
 NUMERICS=${NUMERICS:-native default}
@@ -39,6 +39,14 @@ OUT=${OUT:-benchmarks/methods.md}
 start=$(date +%s)
 load_start=$(cut -d' ' -f1 /proc/loadavg 2>/dev/null || echo "?")
 for method in $METHODS; do
+    # covmatch: its own iteration count and batch (an iteration is one forward and backward of
+    # the distilled pairs, no unroll: benchmarks/methods.md), the last state (its loss is
+    # measured on a new real batch every iteration, so the best window is noise), and the
+    # statistics of what the trained heads read (features encoder; joint with last:1)
+    extra=""
+    [ "$method" = covmatch ] && extra="  iterations: 300
+  select: last
+  covmatch: {features: $FEATURES, real_batch: 1024}"
     cat > "$WORK/$method.yaml" <<YAML
 dataset:
   karpathy: {annotations: '$DATA/dataset_emoji.json', image_root: '$DATA'}
@@ -51,6 +59,7 @@ distill:
   variants:
     s1: {seed: 1}
     s2: {seed: 2}
+$extra
 YAML
 done
 for path in $NUMERICS; do
@@ -70,6 +79,7 @@ command="benchmarks/methods.sh DATA_DIR"
 [ "$NUMERICS" != "native default" ] && command="NUMERICS=\"$NUMERICS\" $command"
 [ "$METHODS" != "mtt lors repblend" ] && command="METHODS=\"$METHODS\" $command"
 [ "$TRAINABLE" != heads ] && command="TRAINABLE=$TRAINABLE $command"
+[ "$OUT" != benchmarks/methods.md ] && command="OUT=$OUT $command"
 LOADS="$load_start at the start, $(cut -d' ' -f1 /proc/loadavg 2>/dev/null || echo "?") at the end, on $(nproc) cores" \
     python benchmarks/methods_report.py "$WORK" "$secs" "$(git rev-parse --short HEAD)" \
     "$command" "$METHODS" "$MODEL" $NUMERICS > "$OUT"

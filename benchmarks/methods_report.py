@@ -96,7 +96,10 @@ def main():
            "iterations, mean over the seeds (it depends on what else ran on the machine); "
            "`peak RSS`: the largest of the seeds' jobs "
            "(Snakemake's benchmark files). LoRS distils 99 pairs and its similarity matrix for a "
-           "budget of 100 (distill.lors.pay_for_similarity); so does RepBlend.", ""]
+           "budget of 100 (distill.lors.pay_for_similarity); so does RepBlend."
+           + (" CovMatch runs 300 iterations (the others 150) with select last and "
+              "covmatch.real_batch 1024 (methods.sh writes them into its config); its sets "
+              "learn no lrs and train with evaluate.lr." if "covmatch" in methods else ""), ""]
     for path in paths:
         out += section(path, Path(work) / path / "results", methods, model)
     print("\n".join(out))

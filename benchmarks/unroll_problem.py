@@ -58,7 +58,8 @@ def make_problem(args, path):
                       batch_size=args.mini_batch, logit_scale=1 / 0.07, seed=0)
     target = {"image": flat_trainable(model.tail), "text": flat_trainable(model.head)}
     torch.save({"pixels": pixels[:args.budget].contiguous(),
-                "texts": texts[:args.budget].contiguous(), "theta0": theta0, "target": target},
+                "texts": texts[:args.budget].contiguous(), "theta0": theta0, "target": target,
+                "real_feats": feats, "real_texts": texts[real].contiguous()},
                path)
 
 
@@ -101,6 +102,9 @@ class Setup:
                                                generator=torch.Generator().manual_seed(1)))
             self.similarity.requires_grad_(True)
 
+        if self.method == "covmatch":    # its online model, on the problem's real pairs
+            self.covmatch = covmatch_state(self.cfg, data, self.dev)
+
     def build_student(self):
         from vldd.model import build_model
         return build_model(self.cfg, self.text_dim, seed=0).to(self.dev)
@@ -119,7 +123,26 @@ class Setup:
                    mini_batch=self.args.mini_batch, scale=1 / 0.07, gen=gen, opts=opts,
                    similarity=self.similarity,
                    blend=1.0 if self.method == "repblend" else None)
+        if self.method == "covmatch":
+            _, _, loss, _, grads = self.covmatch.segment(iteration, self.pixels, self.texts)
+            return torch.tensor(loss), grads
         leaves = (self.pixels, self.texts, self.lr_img, self.lr_txt)
         if engine == "reference":
             return reference_meta_gradient(self.build_student, u, *leaves)
         return meta_gradient(engine, u, *leaves)
+
+
+def covmatch_state(model_cfg, data, device):
+    """vldd.covmatch.CovMatch at the schema's settings over the problem's real pairs (their
+    trunk features and embeddings, one caption each)."""
+    from types import SimpleNamespace
+
+    from vldd import config
+    from vldd.covmatch import CovMatch
+
+    n = len(data["real_texts"])
+    real = SimpleNamespace(feats=data["real_feats"].to(device),
+                           texts=data["real_texts"].to(device),
+                           pair_img=torch.arange(n), pair_txt=torch.arange(n))
+    cfg = config.section("distill", {"method": "covmatch"})
+    return CovMatch(real, data["real_texts"].shape[1], model_cfg, cfg, device)

@@ -18,6 +18,8 @@ sys.path.insert(0, str(PACKAGE_DIR))
 from vldd.config import (  # noqa: E402  (schema, defaults, variants: one place)
     CORESET_NEEDS_EXPERT,
     FANOUT,
+    WITHOUT_EXPERTS,
+    algorithm,
     problems,
     stage_section,
     variant_problems,
@@ -131,8 +133,11 @@ def embeddings_file(dataset=DATASET):
 
 def expert_files(wildcards):
     """The experts a distillation matches: as trained, or their shortcut trajectories over
-    the window distill.shortcut of its method (PTM-ST)."""
-    window = distill_section(wildcards.method)["shortcut"]
+    the window distill.shortcut of its method (PTM-ST); none for CovMatch."""
+    section = distill_section(wildcards.method)
+    if algorithm(section["method"]) in WITHOUT_EXPERTS:
+        return []
+    window = section["shortcut"]
     folder = f"shortcut_{window[0]}_{window[1]}/" if window else ""
     return expand(
         "results/{dataset}/experts/{model}/{folder}expert_{i}.h5",

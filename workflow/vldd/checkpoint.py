@@ -183,6 +183,8 @@ def save_distiller(d, path, key) -> None:
         if d.ema is not None:           # distill.ema
             for name, arr in d.ema.arrays().items():
                 h5_dataset(f, f"ema/{name}", arr)
+        if d.covmatch is not None:      # its online model
+            d.covmatch.save(f)
         save_rngs(f, d.gen, d.dev)
         save_optimizers(f, d.optimizers)
         best = None
@@ -221,6 +223,8 @@ def load_distiller(d, path, key) -> bool:
                     p.copy_(torch.as_tensor(f[f"similarity/{name}"][()]))
         if d.ema is not None:
             d.ema.load({k: v[()] for k, v in f["ema"].items()})
+        if d.covmatch is not None:
+            d.covmatch.load(f)
         load_rngs(f, d.gen, d.dev)
         meta = json.loads(f.attrs["meta"])
         d.order = list(meta["order"])

@@ -195,7 +195,8 @@ def _compute_stages(sub):
     s.add_argument("--window", required=True, type=int, nargs=2, metavar=("A", "B"))
     s.add_argument("--out", required=True, type=Path)
     s = _stage(sub, "distill", cmd_distill, "bi-trajectory matching into a pair set")
-    s.add_argument("--experts", required=True, type=Path, nargs="+")
+    s.add_argument("--experts", type=Path, nargs="*", default=[],
+                   help="expert trajectories (none for distill.method covmatch)")
     s.add_argument("--budget", required=True, type=int)
     s.add_argument("--out", required=True, type=Path)
     s.add_argument("--curve", required=True, type=Path)

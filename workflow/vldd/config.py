@@ -23,6 +23,20 @@ from pathlib import Path
 
 from .errors import VlddError
 
+# distill.method: the algorithm a label runs (a variant's label <method>_<name> runs its main
+# method's); any other label runs the paper's (vldd.outer)
+ALGORITHMS = ("mtt", "lors", "repblend", "ptmst", "covmatch")
+# the algorithms that read no expert trajectory
+WITHOUT_EXPERTS = ("covmatch",)
+
+
+def algorithm(method: str) -> str:
+    for name in ALGORITHMS:
+        if method == name or method.startswith(f"{name}_"):
+            return name
+    return "mtt"
+
+
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
 FIX = "config/README.md describes every key."
 

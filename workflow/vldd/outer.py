@@ -8,21 +8,12 @@ import math
 import numpy as np
 import torch
 
+from .config import ALGORITHMS, algorithm  # noqa: F401  (re-exported)
 from .errors import VlddError
 
-# distill.method: the algorithm a label runs (a variant's label <method>_<name> runs its main
-# method's); any other label runs the paper's
-ALGORITHMS = ("mtt", "lors", "repblend", "ptmst")
 # the algorithms that learn a similarity matrix over the pairs (distill.lors); ptmst is LoRS's
 # algorithm, its own parts are settings (distill.shortcut, distill.ema, lors.similarity full)
 WITH_SIMILARITY = ("lors", "repblend", "ptmst")
-
-
-def algorithm(method: str) -> str:
-    for name in ALGORITHMS:
-        if method == name or method.startswith(f"{name}_"):
-            return name
-    return "mtt"
 
 
 def pairs_to_distil(cfg, budget: int) -> int:

@@ -16,7 +16,8 @@ learned similarity matrix over the pairs (vldd.similarity) is the students' soft
 is learned with the data; distill.method repblend (RepBlend, NeurIPS 2025) adds
 representation blending to every student step (vldd.engines.inner.blend; the paper trains
 image and text projection heads on a frozen encoder: model.image_encoder.trainable heads).
-The outer optimisation's parts live in vldd.outer.
+distill.method covmatch replaces the unroll by vldd.covmatch's second-moment matching and
+reads no experts. The outer optimisation's parts live in vldd.outer.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import torch
 
 from .. import config
 from ..checkpoint import load_distiller, save_distiller
+from ..covmatch import CovMatch
 from ..engines import EngineOptions, Unroll, apply_backend, check_engine, meta_gradient
 from ..errors import VlddError
 from ..experts import data_fingerprint, load_experts
@@ -40,7 +42,7 @@ from ..prepared import load_embeddings, load_prepared
 from ..progress import Progress
 from ..outer import (CURVE_COLUMNS, GRAD_COLUMNS, WITH_SIMILARITY, Ema, algorithm, clip,
                      diagnostics, make_optimizer, pairs_to_distil)
-from ..realdata import initial_pairs
+from ..realdata import RealData, initial_pairs
 from ..similarity import Similarity
 from ..train import train_mode
 
@@ -64,11 +66,15 @@ class Distiller:
         self.scale = logit_scale(model_cfg, inner_loop=True)     # the students' logit scale
         apply_backend(self.opts, self.model, self.dev)
         self.layouts = self.model.layouts()
-        self.experts = load_experts(expert_paths, data_dir, embeddings_path, model_cfg, cfg,
-                                    self.layouts)
+        self.algorithm = algorithm(cfg.method)
+        # CovMatch: no unroll, no experts; an online model trained on real pairs (vldd.covmatch)
+        self.covmatch = (CovMatch(RealData(prepared, emb, self.model, "train", self.dev),
+                                  emb.shape[1], model_cfg, cfg, self.dev)
+                         if self.algorithm == "covmatch" else None)
+        self.experts = [] if self.covmatch else load_experts(
+            expert_paths, data_dir, embeddings_path, model_cfg, cfg, self.layouts)
         tower = self.model.tower
         self.mean, self.std = tower.mean, tower.std
-        self.algorithm = algorithm(cfg.method)
         n_pairs = pairs_to_distil(cfg, self.budget)
         ids, images, texts = initial_pairs(prepared, emb, n_pairs, cfg, tower)
         self.caption_ids = ids
@@ -104,13 +110,8 @@ class Distiller:
         self.window = int(cfg.select_window or max(1, int(cfg.iterations) // 10))
         self.best = None
 
-    @property
-    def lr_img(self):
-        return self._lr(0)
-
-    @property
-    def lr_txt(self):
-        return self._lr(1)
+    lr_img = property(lambda self: self._lr(0))
+    lr_txt = property(lambda self: self._lr(1))
 
     def _lr(self, i):
         p = self.lr_params[i].detach()
@@ -124,6 +125,8 @@ class Distiller:
     def _segment(self):
         """One (expert, start epoch) segment: its matching loss, per-encoder terms and the
         meta-gradients of pixels, texts and the two lrs (w.r.t. the lrs themselves)."""
+        if self.covmatch is not None:   # (model index, online steps) for (expert, start)
+            return self.covmatch.segment(self.iteration, self.images, self.texts)
         cfg = self.cfg
         e = self._next_expert()
         start = int(self.rng.integers(0, int(cfg.max_start_epoch)))
@@ -262,11 +265,13 @@ class Distiller:
 
     def pairset(self):
         images, texts, lrs, sim, iteration = self.chosen()
+        if self.covmatch is not None:   # learns no lrs: evaluate trains with evaluate.lr
+            lrs = [float("nan")] * 2
         if sim is not None and not all(np.isfinite(a).all() for a in sim.values()):
             raise VlddError("the learned similarity matrix holds NaN or inf: lower "
                             "distill.lors.lr_sim.")
         bad = [f"{name} {lr:.4g}" for name, lr in zip(("lr_image", "lr_text"), lrs)
-               if not (math.isfinite(lr) and lr > 0)]
+               if not (math.isfinite(lr) and lr > 0) and self.covmatch is None]
         if bad:   # only with lr_min null: evaluate would train by gradient ascent
             raise VlddError(
                 f"the learned lrs went to zero or below ({', '.join(bad)}), so the pair set "

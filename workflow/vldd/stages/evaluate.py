@@ -52,11 +52,12 @@ def r_mean(metrics: dict) -> float:
 
 def eval_lrs(ps, eval_cfg, path="pair set"):
     """The lrs to train on a pair set: learned ones when the set has them (and config wants
-    them), else the configured default. The seed code used the image lr for both encoders.
+    them), else the configured default (coresets; covmatch's distilled sets, which learn no
+    lrs). The seed code used the image lr for both encoders.
     Refuses learned lrs that are not finite and positive (a negative lr is gradient ascent)."""
     lr_img, lr_txt = float(eval_cfg.lr), float(eval_cfg.lr)
-    learned = eval_cfg.use_learned_lr and (
-        ps.kind == "distilled" or not (math.isnan(ps.lr_image) and math.isnan(ps.lr_text)))
+    learned = eval_cfg.use_learned_lr and not (math.isnan(ps.lr_image)
+                                               and math.isnan(ps.lr_text))
     if learned and not all(math.isfinite(v) and v > 0 for v in (ps.lr_image, ps.lr_text)):
         raise VlddError(f"{path}: learned lrs lr_image {ps.lr_image:.4g}, lr_text "
                         f"{ps.lr_text:.4g} are not finite and positive (training on it would "
