@@ -674,3 +674,22 @@ def test_output_path_that_is_a_folder(store, tmp_path):
     (tmp_path / "e" / "seed0.parquet").mkdir(parents=True)
     out = evaluate(store, store / "expert_0.h5", tmp_path / "e" / "seed0.parquet")
     assert_refused(out, "is a folder", "give a file path")
+
+
+# ------------------------------------------------------------------ 12. the lazy store
+
+@pytest.mark.parametrize("name", ["images.h5", "emb.h5"])
+def test_a_truncated_store_read_lazily_is_refused_before_any_output(store, coreset, tmp_path,
+                                                                     name):
+    """The images and embeddings are read when used, not when loaded; a store cut short is
+    still refused at once, naming the file, with nothing written."""
+    data = tmp_path / "data"
+    shutil.copytree(store / "data", data)
+    shutil.copy(store / "emb.h5", tmp_path / "emb.h5")
+    bad = data / name if name == "images.h5" else tmp_path / name
+    blob = bad.read_bytes()
+    bad.write_bytes(blob[:int(len(blob) * 0.6)])
+    out = evaluate(store, coreset, tmp_path / "e" / "seed0.parquet", data=data,
+                   emb=tmp_path / "emb.h5")
+    assert_refused(out, name)
+    assert no_outputs(tmp_path / "e")

@@ -276,3 +276,32 @@ def test_failure_of_second_file_removes_the_first(monkeypatch, tmp_path):
     with pytest.raises(OSError, match="disk full"):
         data.prepare_dataset(_cfg("synthetic"), out)
     assert list(out.iterdir()) == []
+
+
+def test_the_prepared_store_reads_only_the_rows_asked_for(tmp_path):
+    """H5Rows (the prepared images, the embeddings) gives what numpy indexing of the whole
+    array gives, for ints, slices, index arrays in any order with repeats, masks and lazy
+    views, and refuses a row out of range."""
+    import h5py
+
+    from vldd.prepared import H5Rows
+
+    a = np.random.default_rng(0).integers(0, 255, (50, 4, 4, 3)).astype(np.uint8)
+    with h5py.File(tmp_path / "r.h5", "w") as f:
+        f.create_dataset("images", data=a, chunks=(8, 4, 4, 3))
+    rows = H5Rows(tmp_path / "r.h5", "images", a.shape, a.dtype)
+    for idx in ([3, 1, 1, 49, 0, 2, 3, 4], [], [-1, 5], list(range(50))[::-3]):
+        idx = np.asarray(idx, dtype=np.int64)
+        assert np.array_equal(rows[idx], a[idx]), idx
+    assert np.array_equal(rows[5], a[5]) and np.array_equal(rows[2:9], a[2:9])
+    assert np.array_equal(np.asarray(rows), a)
+    assert rows[4, 1, 2].tolist() == a[4, 1, 2].tolist()
+    assert np.array_equal(rows[[1, 2], 0], a[[1, 2], 0])
+    mask = np.zeros(50, bool)
+    mask[[3, 7]] = True
+    assert np.array_equal(rows[mask], a[mask])
+    view = rows.view([7, 2, 9, 2])
+    assert len(view) == 4 and view.shape == (4, 4, 4, 3)
+    assert np.array_equal(view[1:3], a[[2, 9]]) and np.array_equal(view[np.array([3, 0])], a[[2, 7]])
+    with pytest.raises(IndexError, match="out of range"):
+        rows[np.array([50])]

@@ -28,7 +28,8 @@ class RealData:
         self.pair_img = torch.as_tensor([pos[int(i)] for i in caps["image_index"]],
                                         dtype=torch.long)
         self.texts = torch.as_tensor(embeddings[self.caption_ids]).to(device)
-        self.feats = real_features(model.tower, prepared.images[self.image_ids], device)
+        # the split's images are read batch by batch (a lazy view), never all at once
+        self.feats = real_features(model.tower, prepared.images.view(self.image_ids), device)
         self.pair_txt = torch.arange(len(self.caption_ids))
 
     def __len__(self):
