@@ -10,6 +10,7 @@ import torch
 
 from .config import ALGORITHMS, algorithm  # noqa: F401  (re-exported)
 from .errors import VlddError
+from .similarity import Similarity
 
 # the algorithms that learn a similarity matrix over the pairs (distill.lors); ptmst is LoRS's
 # algorithm, its own parts are settings (distill.shortcut, distill.ema, lors.similarity full)
@@ -35,6 +36,19 @@ def make_optimizer(cfg, params, lr):
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=lr, betas=(float(cfg.momentum), 0.999))
     return torch.optim.SGD(params, lr=lr, momentum=float(cfg.momentum))
+
+
+def learned_similarity(cfg, n_pairs: int, device):
+    """(S, its optimiser) for the algorithms that learn a similarity matrix over the pairs
+    (LoRS, RepBlend, PTM-ST: the identity at the start, its own lr lors.lr_sim or lr_text);
+    (None, None) for the others."""
+    if algorithm(cfg.method) not in WITH_SIMILARITY:
+        return None, None
+    lc = cfg.lors
+    sim = Similarity.identity(n_pairs, lc.similarity, lc.rank, lc.alpha, seed=cfg.seed,
+                              device=device).requires_grad_(True)
+    lr_sim = cfg.lr_text if lc.lr_sim is None else lc.lr_sim
+    return sim, make_optimizer(cfg, sim.params, float(lr_sim))
 
 
 # The curve: one row per iteration. term_*: each encoder's normalised matching term;

@@ -66,9 +66,11 @@ _IMPL = {"exact": exact, "checkpointed": checkpointed, "constant-memory": consta
          "heads-only": heads_only}
 
 
-def check_engine(name: str):
-    if name not in ENGINES:
-        raise VlddError(f"distill.engine '{name}' is unknown: choose one of {', '.join(ENGINES)}.")
+def check_engine(name: str, allow_auto: bool = False):
+    """A known engine (or, with allow_auto, distill.engine's auto: vldd.engines.memory)."""
+    if name not in ENGINES and not (allow_auto and name == "auto"):
+        raise VlddError(f"distill.engine '{name}' is unknown: choose one of "
+                        f"{', '.join(ENGINES + (('auto',) if allow_auto else ()))}.")
 
 
 def apply_backend(opts: EngineOptions, model, device: torch.device):

@@ -7,17 +7,15 @@ lands to theta*_{s+R}:
     L = |theta_img - theta*_img,s+R|^2 / |theta*_img,s - theta*_img,s+R|^2  + (same for text)
 
 The gradient of L w.r.t. the pixels, the text embeddings and the lrs comes from the engine
-that `distill.engine` names (vldd.engines): exact backpropagation through all steps by
-default, or the checkpointed (exact, less memory), constant-memory (TESLA, approximate) or
-heads-only (image encoder frozen) engines. The student is one module evaluated with
-torch.func.functional_call on flat parameter vectors; the frozen image trunk runs on the
-distilled pixels once per iteration. With distill.method lors (Xu et al., ICML 2024) a
-learned similarity matrix over the pairs (vldd.similarity) is the students' soft target and
-is learned with the data; distill.method repblend (RepBlend, NeurIPS 2025) adds
-representation blending to every student step (vldd.engines.inner.blend; the paper trains
-image and text projection heads on a frozen encoder: model.image_encoder.trainable heads).
-distill.method covmatch replaces the unroll by vldd.covmatch's second-moment matching and
-reads no experts. The outer optimisation's parts live in vldd.outer.
+`distill.engine` names (vldd.engines: exact BPTT by default, checkpointed, constant-memory,
+heads-only; auto picks exact or checkpointed by a measured memory model). The student is one
+module evaluated with torch.func.functional_call on flat parameter vectors; the frozen trunk
+runs on the distilled pixels once per iteration. distill.method lors (ICML 2024) learns a
+similarity matrix over the pairs (vldd.similarity) as the students' soft target; repblend
+(NeurIPS 2025) adds representation blending to every student step (the paper trains image
+and text projection heads on a frozen encoder: model.image_encoder.trainable heads);
+covmatch replaces the unroll by vldd.covmatch's second-moment matching and reads no experts.
+The outer optimisation's parts live in vldd.outer.
 """
 from __future__ import annotations
 
@@ -33,6 +31,7 @@ from .. import config
 from ..checkpoint import load_distiller, save_distiller
 from ..covmatch import CovMatch
 from ..engines import EngineOptions, Unroll, apply_backend, check_engine, meta_gradient
+from ..engines.memory import pick_engine
 from ..errors import VlddError
 from ..experts import data_fingerprint, load_experts
 from ..io import config_hash, open_h5, provenance, write_parquet
@@ -40,10 +39,9 @@ from ..model import build_model, logit_scale, resolve_device
 from ..pairset import PairSet, write_pairset
 from ..prepared import load_embeddings, load_prepared
 from ..progress import Progress
-from ..outer import (CURVE_COLUMNS, GRAD_COLUMNS, WITH_SIMILARITY, Ema, algorithm, clip,
-                     diagnostics, make_optimizer, pairs_to_distil)
+from ..outer import (CURVE_COLUMNS, GRAD_COLUMNS, Ema, algorithm, clip, diagnostics,
+                     learned_similarity, make_optimizer, pairs_to_distil)
 from ..realdata import RealData, initial_pairs
-from ..similarity import Similarity
 from ..train import train_mode
 
 log = logging.getLogger(__name__)
@@ -60,7 +58,7 @@ class Distiller:
         prepared = load_prepared(data_dir)
         emb = load_embeddings(embeddings_path, data_dir, model_cfg["text_encoder"])
         self.engine = cfg.engine
-        check_engine(self.engine)
+        check_engine(self.engine, allow_auto=True)
         self.opts = EngineOptions.from_config(cfg.as_dict())
         self.model = build_model(model_cfg, emb.shape[1], cfg.seed).to(self.dev)
         self.scale = logit_scale(model_cfg, inner_loop=True)     # the students' logit scale
@@ -91,19 +89,18 @@ class Distiller:
                            make_optimizer(cfg, self.lr_params, float(cfg.lr_lr))]
         self.learn = {"image": cfg.learn_images, "text": cfg.learn_texts, "lr": cfg.learn_lr}
         # LoRS, RepBlend: the similarity matrix over the distilled pairs, with its own lr
-        self.similarity = None
-        if self.algorithm in WITH_SIMILARITY:
-            lc = cfg.lors
-            self.similarity = Similarity.identity(
-                n_pairs, lc.similarity, lc.rank, lc.alpha, seed=cfg.seed,
-                device=self.dev).requires_grad_(True)
-            lr_sim = cfg.lr_text if lc.lr_sim is None else lc.lr_sim
-            self.optimizers.append(make_optimizer(cfg, self.similarity.params, float(lr_sim)))
+        self.similarity, opt = learned_similarity(cfg, n_pairs, self.dev)
+        if opt is not None:
+            self.optimizers.append(opt)
             self.learn["similarity"] = True
         self.ema = None if cfg.ema is None else Ema(cfg.ema, self.learned())
         self.rng = np.random.default_rng(cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         torch.manual_seed(cfg.seed)  # dropout inside the unroll
+        if self.engine == "auto":   # exact if its graph fits, else checkpointed (measured)
+            self.engine = "exact" if self.covmatch else pick_engine(
+                self._problem(0, 0), self.images, self.texts, self.lr_params,
+                cfg.memory_budget_gb, self.dev)
         self.order, self.curve, self.iteration = [], [], 0
         # distill.select best: the data (and lrs) at the end of the window of `select_window`
         # iterations with the lowest mean matching loss, kept as the run goes
@@ -127,22 +124,24 @@ class Distiller:
         meta-gradients of pixels, texts and the two lrs (w.r.t. the lrs themselves)."""
         if self.covmatch is not None:   # (model index, online steps) for (expert, start)
             return self.covmatch.segment(self.iteration, self.images, self.texts)
-        cfg = self.cfg
         e = self._next_expert()
-        start = int(self.rng.integers(0, int(cfg.max_start_epoch)))
-        target_epoch = start + int(cfg.expert_epochs)
-        rows = {g: self.experts[e].rows(g, start, target_epoch) for g in ("image", "text")}
-        theta0 = {g: rows[g][0].to(self.dev) for g in rows}
-        target = {g: rows[g][1].to(self.dev) for g in rows}
+        start = int(self.rng.integers(0, int(self.cfg.max_start_epoch)))
         lrs = [self._lr(i).clone().requires_grad_(True) for i in range(2)]
         terms = {}
-        problem = Unroll(self.model, self.layouts, theta0, target,
-                         syn_steps=int(cfg.syn_steps), mini_batch=int(cfg.mini_batch),
-                         scale=self.scale, gen=self.gen,
-                         opts=self.opts, terms=terms, similarity=self.similarity,
-                         blend=cfg.repblend.alpha if self.algorithm == "repblend" else None)
+        problem = self._problem(e, start, terms)
         loss, grads = meta_gradient(self.engine, problem, self.images, self.texts, lrs[0], lrs[1])
         return e, start, float(loss), terms, grads
+
+    def _problem(self, e, start, terms=None) -> Unroll:
+        """The inner problem of expert e's segment from epoch `start`."""
+        cfg = self.cfg
+        rows = {g: self.experts[e].rows(g, start, start + int(cfg.expert_epochs))
+                for g in ("image", "text")}
+        return Unroll(self.model, self.layouts, {g: rows[g][0].to(self.dev) for g in rows},
+                      {g: rows[g][1].to(self.dev) for g in rows}, syn_steps=int(cfg.syn_steps),
+                      mini_batch=int(cfg.mini_batch), scale=self.scale, gen=self.gen,
+                      opts=self.opts, terms=terms, similarity=self.similarity,
+                      blend=cfg.repblend.alpha if self.algorithm == "repblend" else None)
 
     def meta_gradient(self):
         """The matching loss, per-encoder terms and meta-gradients (pixels, texts, the two
