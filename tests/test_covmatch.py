@@ -16,7 +16,8 @@ from vldd.stages.evaluate import evaluate
 from conftest import DISTILL, EVAL, MODEL, straight_and_resumed  # and `store`
 
 COVMATCH = {**DISTILL, "method": "covmatch", "optimizer": "adam", "lr_image": 0.01,
-            "lr_text": 0.01, "covmatch": {"real_batch": 16, "reset_every": 3}}
+            "lr_text": 0.01, "covmatch": {"features": "joint", "real_batch": 16,
+                                          "reset_every": 3}}
 
 
 def test_cross_covariance_and_loss_against_hand_computed_values():
@@ -58,7 +59,8 @@ def test_the_gradient_of_the_loss_lowers_it():
 
 def test_covmatch_reads_no_experts_and_its_online_model_trains_and_restarts(store):
     d = Distiller(store / "data", store / "emb.h5", [], MODEL,
-                  {**COVMATCH, "covmatch": {"real_batch": 16, "reset_every": 2}}, 6, "cpu")
+                  {**COVMATCH, "covmatch": {"features": "joint", "real_batch": 16,
+                                            "reset_every": 2}}, 6, "cpu")
     assert d.experts == []
     head = lambda: d.covmatch.model.head.projection.weight.detach().clone()  # noqa: E731
     w0 = head()
@@ -72,6 +74,15 @@ def test_covmatch_reads_no_experts_and_its_online_model_trains_and_restarts(stor
     assert not torch.equal(head(), w1)
     texts_before = d.init_texts
     assert not torch.equal(d.texts.detach(), texts_before)      # the texts learned
+    # features encoder: the statistics do not depend on the model, which stays as built
+    e = Distiller(store / "data", store / "emb.h5", [], MODEL,
+                  {**COVMATCH, "covmatch": {"features": "encoder", "real_batch": 16,
+                                            "reset_every": 2}}, 6, "cpu")
+    w0 = e.covmatch.model.head.projection.weight.detach().clone()
+    for _ in range(3):
+        e.iterate()
+    assert torch.equal(e.covmatch.model.head.projection.weight, w0) and e.covmatch.resets == 0
+    assert not torch.equal(e.texts.detach(), e.init_texts)
 
 
 def test_covmatch_pair_set_evaluates_with_evaluate_lr_and_resumes_to_identical_bytes(
@@ -80,7 +91,7 @@ def test_covmatch_pair_set_evaluates_with_evaluate_lr_and_resumes_to_identical_b
     the checkpoint of iteration 2 (the model after two online steps, its optimiser and the
     batch generator saved) writes the same bytes as the straight one."""
     cfg = {**COVMATCH, "select": "best", "select_window": 1,
-           "covmatch": {"real_batch": 16, "reset_every": 3}}
+           "covmatch": {"features": "joint", "real_batch": 16, "reset_every": 3}}
     straight, resumed = straight_and_resumed(store, [], MODEL, cfg, 6, tmp_path)
     for name in ("pairs.h5", "curve.parquet"):
         assert (resumed / name).read_bytes() == (straight / name).read_bytes(), name

@@ -107,7 +107,8 @@ class CovMatch:
         """(model index, online steps so far, loss, terms, [d images, d texts, None, None]):
         the CovMatch loss of the distilled pairs under the current model and its gradient;
         then the model's online training steps on real pairs."""
-        k = iteration // int(self.c.reset_every)
+        joint = self.c.features == "joint"    # else the features do not depend on the model
+        k = iteration // int(self.c.reset_every) if joint else 0
         if k != self.resets:
             self._reset(k)
         m, real = self.model, self.real
@@ -120,7 +121,7 @@ class CovMatch:
         terms = {}
         loss = covmatch_loss(ref, syn, float(self.c.feature_weight), terms)
         grads = torch.autograd.grad(loss, [images, texts])
-        for _ in range(int(self.c.online_steps)):
+        for _ in range(int(self.c.online_steps) if joint else 0):
             train_mode(m)
             _train_epoch(m, self.opt, self._batch(), real.feats, real.texts, real.pair_img,
                          real.pair_txt, int(self.c.real_batch), self.scale, None)
