@@ -120,17 +120,33 @@ def real_features(tower: ImageTower, images: np.ndarray, device):
     return trunk_features(tower, images, device)
 
 
+# images per chunk of trunk_features: as many as hold this many pixels (256 at 64 px, 21 at
+# 224 px), so that the trunk's activations stay near 0.5 GB whatever the resolution (a fixed
+# 256 images at 224 px peaked at 3 GB above the job's baseline on Lite0)
+TRUNK_CHUNK_PIXELS = 256 * 64 * 64
+
+
 @torch.no_grad()
-def trunk_features(tower: ImageTower, images, device, batch_size=256, normalized=False):
-    """Trunk output for a stack of images (uint8 NHWC, or normalised float NCHW)."""
-    out = []
+def trunk_features(tower: ImageTower, images, device, batch_size=None, normalized=False):
+    """Trunk output for a stack of images (uint8 NHWC, or normalised float NCHW; an array or
+    a lazy view of the prepared store, read chunk by chunk), in chunks of batch_size images
+    (None: TRUNK_CHUNK_PIXELS' worth)."""
+    if batch_size is None:
+        h, w = (images.shape[1:3] if not normalized else images.shape[2:4])
+        batch_size = max(1, TRUNK_CHUNK_PIXELS // max(1, int(h) * int(w)))
+    out = None   # filled in place (a list and a cat would hold the features twice)
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
         x = chunk if normalized else to_model_input(chunk, tower.mean, tower.std)
-        out.append(tower.trunk(torch.as_tensor(x).to(device)).float())
-    if not out:
-        return torch.zeros(0)
-    return torch.cat(out)
+        f = tower.trunk(torch.as_tensor(x).to(device)).float()
+        if out is None:   # in the chunks' memory format (channels_last from NHWC input)
+            last = (f.dim() == 4 and not f.is_contiguous()
+                    and f.is_contiguous(memory_format=torch.channels_last))
+            out = torch.empty((len(images), *f.shape[1:]), dtype=f.dtype, device=f.device,
+                              memory_format=torch.channels_last if last else
+                              torch.contiguous_format)
+        out[start:start + len(f)] = f
+    return torch.zeros(0) if out is None else out
 
 
 @torch.no_grad()
