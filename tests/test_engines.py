@@ -210,7 +210,7 @@ def test_unknown_engine_is_refused_with_the_choices(tiny):
 def test_config_schema_offers_every_engine_with_exact_as_default():
     schema = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
     engine = schema["properties"]["distill"]["properties"]["engine"]
-    assert engine["enum"] == list(ENGINES) and engine["default"] == "exact"
+    assert engine["enum"] == [*ENGINES, "auto"] and engine["default"] == "exact"
     assert "approximation" in engine["description"]
 
 
