@@ -31,8 +31,9 @@ from ..encoders import image_normalisation
 from ..errors import VlddError
 from ..experts import data_fingerprint, load_expert_model
 from ..io import config_hash, provenance
-from ..model import build_model, embed_pairs, logit_scale, resolve_device
+from ..model import build_model, logit_scale, resolve_device
 from ..pairset import PairSet, check_budget, random_pairs, write_pairset
+from ..pool import Pool, joint_halves
 from ..prepared import load_embeddings, load_prepared
 from ..progress import Progress
 from ..realdata import RealData, real_pairs, train_on_real
@@ -46,18 +47,6 @@ NEEDS_EXPERT = config.CORESET_NEEDS_EXPERT
 # ----------------------------------------------------------------------------- the pool
 
 
-@dataclass
-class Pool:
-    """The candidates: every training pair, in the order of the prepared captions.
-
-    caption_ids[p] is pair p's caption and image_ids[p] its image (image_index); x, when
-    present, is the joint embedding [n_pairs, 2D] (herding, kcenter).
-    """
-    caption_ids: np.ndarray
-    image_ids: np.ndarray
-    x: torch.Tensor | None = None
-
-
 def _real_data(prepared, emb, model, device):
     data = RealData(prepared, emb, model, "train", device)
     image_ids = np.asarray(data.image_ids)[data.pair_img.numpy()]
@@ -66,18 +55,17 @@ def _real_data(prepared, emb, model, device):
 
 def pair_embedding(data_dir, embeddings_path, model_cfg, expert_path, device="cpu",
                    loaded=None):
-    """(Pool with x, the expert model, its provenance) for every training pair.
-
-    x[p] = [L2(tail(trunk(image))); L2(head(text))] with the expert's final parameters, in
-    eval mode (no dropout): float32 [n_pairs, 2D] on `device`. Every row has norm sqrt(2).
-    """
+    """(Pool with its joint embedding, the expert model, its provenance) for every training
+    pair: x[p] = [L2(tail(trunk(image))); L2(head(text))] with the expert's final parameters,
+    in eval mode (no dropout), on `device` (vldd.pool keeps the image half per image and the
+    text half in float16). Every row has norm sqrt(2), to float16's rounding."""
     dev = resolve_device(device)
     prepared, emb = loaded or _load(data_dir, embeddings_path, model_cfg)
     model, attrs = load_expert_model(expert_path, model_cfg, emb.shape[1], data_dir,
                                      embeddings_path, dev)
     data, pool = _real_data(prepared, emb, model, dev)
-    img, txt = embed_pairs(model, data.feats, data.texts)
-    pool.x = torch.cat([img[data.pair_img.to(img.device)], txt], dim=1)
+    pool.img, pool.txt = joint_halves(model, data.feats, data.texts)
+    pool.pair_row = data.pair_img.to(pool.img.device)
     return pool, model, attrs
 
 
@@ -96,20 +84,19 @@ def herding(pool: Pool, budget: int) -> np.ndarray:
     k chosen pairs and mu the mean of all pairs; equivalently p minimises |x_p - t|^2 with
     t = (k + 1) mu - S. Ties go to the lowest pair index (no randomness).
     """
-    x = pool.x.float()
-    mu = x.sum(0, dtype=torch.float64) / len(x)
-    sq = x.pow(2).sum(1)
-    available = torch.ones(len(x), dtype=torch.bool)
+    mu = pool.total() / len(pool)
+    sq = pool.sq()
+    available = torch.ones(len(pool), dtype=torch.bool)
     total = torch.zeros_like(mu)
     chosen = []
     bar = Progress(budget, "herding", unit="pair", log=log)
     for k in range(budget):
-        t = ((k + 1) * mu - total).to(x.dtype)
-        score = sq - 2 * (x @ t)
+        t = ((k + 1) * mu - total).float()
+        score = sq - 2 * pool.matmul(t)
         score[~available.to(score.device)] = float("inf")
         p = int(torch.argmin(score))
         chosen.append(p)
-        total += x[p].double()
+        total += pool.rows([p])[0].double()
         _take(pool, p, available)
         bar.update(1)
     return np.asarray(chosen, dtype=np.int64)
@@ -122,17 +109,16 @@ def kcenter(pool: Pool, budget: int, seed: int) -> np.ndarray:
     the available pair whose Euclidean distance to its nearest chosen pair is largest (ties:
     the lowest pair index).
     """
-    x = pool.x.float()
-    sq = x.pow(2).sum(1)
-    available = torch.ones(len(x), dtype=torch.bool)
-    nearest = torch.full((len(x),), float("inf"), device=x.device)
-    p = int(np.random.default_rng(seed).integers(len(x)))
+    sq = pool.sq()
+    available = torch.ones(len(pool), dtype=torch.bool)
+    nearest = torch.full((len(pool),), float("inf"), device=sq.device)
+    p = int(np.random.default_rng(seed).integers(len(pool)))
     chosen = []
     bar = Progress(budget, "kcenter", unit="pair", log=log)
     for _ in range(budget):
         chosen.append(p)
         _take(pool, p, available)
-        d2 = (sq + sq[p] - 2 * (x @ x[p])).clamp_min(0)
+        d2 = (sq + sq[p] - 2 * pool.matmul(pool.rows([p])[0])).clamp_min(0)
         nearest = torch.minimum(nearest, d2)
         score = nearest.clone()
         score[~available.to(score.device)] = -1.0
@@ -141,14 +127,24 @@ def kcenter(pool: Pool, budget: int, seed: int) -> np.ndarray:
     return np.asarray(chosen, dtype=np.int64)
 
 
-def mean_error(x: torch.Tensor, chosen) -> float:
-    """|mean of the chosen rows - mean of all rows| (Euclidean)."""
-    sel = x[torch.as_tensor(chosen, device=x.device)].sum(0, dtype=torch.float64) / len(chosen)
-    return float((sel - x.sum(0, dtype=torch.float64) / len(x)).norm())
+def mean_error(x, chosen) -> float:
+    """|mean of the chosen rows - mean of all rows| (Euclidean) of a Pool's joint embedding
+    or of a matrix."""
+    if isinstance(x, Pool):
+        sel, mean = x.rows(chosen).sum(0, dtype=torch.float64), x.total() / len(x)
+    else:
+        sel = x[torch.as_tensor(chosen, device=x.device)].sum(0, dtype=torch.float64)
+        mean = x.sum(0, dtype=torch.float64) / len(x)
+    return float((sel / len(chosen) - mean).norm())
 
 
-def cover_radius(x: torch.Tensor, chosen) -> float:
-    """max over all rows of the distance to the nearest chosen row."""
+def cover_radius(x, chosen) -> float:
+    """max over all rows of the distance to the nearest chosen row (a Pool's joint embedding
+    or a matrix)."""
+    if isinstance(x, Pool):
+        c = x.rows(chosen)
+        d2 = x.sq()[:, None] + c.pow(2).sum(1)[None] - 2 * x.matmul(c.t())
+        return float(d2.clamp_min(0).min(1).values.max().sqrt())
     x = x.float()
     return float(torch.cdist(x, x[torch.as_tensor(chosen, device=x.device)]).min(1).values.max())
 
@@ -290,8 +286,8 @@ def select_coreset(data_dir, embeddings_path, model, kind, budget, seed, out_pat
                                              device, loaded=(prepared, emb))
         mean, std = expert.tower.mean, expert.tower.std
         chosen = herding(pool, budget) if kind == "herding" else kcenter(pool, budget, seed)
-        extra["mean_error"] = mean_error(pool.x, chosen)
-        extra["cover_radius"] = cover_radius(pool.x, chosen)
+        extra["mean_error"] = mean_error(pool, chosen)
+        extra["cover_radius"] = cover_radius(pool, chosen)
         log.info("%s: mean error %.4f, cover radius %.4f", kind, extra["mean_error"],
                  extra["cover_radius"])
         ids = pool.caption_ids[chosen]
