@@ -126,6 +126,23 @@ def real_features(tower: ImageTower, images: np.ndarray, device):
 TRUNK_CHUNK_PIXELS = 256 * 64 * 64
 
 
+def map_chunks(fn, data, chunk: int, dtype=None) -> torch.Tensor:
+    """torch.cat of fn(data[s:s + chunk]) over the chunks, filled into one tensor allocated at
+    the first chunk (a list and a cat would hold the result twice), in that chunk's memory
+    format (channels_last from NHWC input) and dtype, or `dtype`."""
+    out = None
+    for start in range(0, len(data), chunk):
+        f = fn(data[start:start + chunk])
+        if out is None:
+            last = (f.dim() == 4 and not f.is_contiguous()
+                    and f.is_contiguous(memory_format=torch.channels_last))
+            out = torch.empty((len(data), *f.shape[1:]), dtype=dtype or f.dtype,
+                              device=f.device, memory_format=torch.channels_last if last else
+                              torch.contiguous_format)
+        out[start:start + len(f)] = f
+    return torch.zeros(0) if out is None else out
+
+
 @torch.no_grad()
 def trunk_features(tower: ImageTower, images, device, batch_size=None, normalized=False):
     """Trunk output for a stack of images (uint8 NHWC, or normalised float NCHW; an array or
@@ -134,32 +151,26 @@ def trunk_features(tower: ImageTower, images, device, batch_size=None, normalize
     if batch_size is None:
         h, w = (images.shape[1:3] if not normalized else images.shape[2:4])
         batch_size = max(1, TRUNK_CHUNK_PIXELS // max(1, int(h) * int(w)))
-    out = None   # filled in place (a list and a cat would hold the features twice)
-    for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
+
+    def trunk(chunk):
         x = chunk if normalized else to_model_input(chunk, tower.mean, tower.std)
-        f = tower.trunk(torch.as_tensor(x).to(device)).float()
-        if out is None:   # in the chunks' memory format (channels_last from NHWC input)
-            last = (f.dim() == 4 and not f.is_contiguous()
-                    and f.is_contiguous(memory_format=torch.channels_last))
-            out = torch.empty((len(images), *f.shape[1:]), dtype=f.dtype, device=f.device,
-                              memory_format=torch.channels_last if last else
-                              torch.contiguous_format)
-        out[start:start + len(f)] = f
-    return torch.zeros(0) if out is None else out
+        return tower.trunk(torch.as_tensor(x).to(device)).float()
+    return map_chunks(trunk, images, batch_size)
 
 
 @torch.no_grad()
-def embed_pairs(model: DualEncoder, img_feats, texts, batch_size=512):
-    """L2-normalised joint-space features of trunk features and sentence embeddings."""
+def embed_pairs(model: DualEncoder, img_feats, texts, batch_size=512, text_dtype=None):
+    """L2-normalised joint-space features of trunk features and sentence embeddings (the
+    text features stored as text_dtype when given: the coreset pool keeps them in float16)."""
     import torch.nn.functional as F
 
     model.tail.eval()
     model.head.eval()
-    img = torch.cat([model.tail(img_feats[i:i + batch_size])
-                     for i in range(0, len(img_feats), batch_size)])
-    txt = torch.cat([model.head(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)])
-    return F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1)
+    img = map_chunks(lambda f: F.normalize(model.tail(f).float(), dim=-1), img_feats,
+                     batch_size)
+    txt = map_chunks(lambda t: F.normalize(model.head(t).float(), dim=-1), texts, batch_size,
+                     dtype=text_dtype)
+    return img, txt
 
 
 def retrieval(model: DualEncoder, img_feats, texts, txt2img) -> dict:

@@ -1,14 +1,14 @@
 """The candidate pool of the herding and k-center coresets: every training pair with its
 joint embedding [L2(image feature); L2(text feature)] under a trained expert, held so that its
 memory grows with the pairs' text half only (the image half once per image, the text half in
-float16), and the products those selections need, computed a chunk of rows at a time."""
+float16; vldd.model.embed_pairs computes them), and the products those selections need,
+computed a chunk of rows at a time."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 
 @dataclass
@@ -66,20 +66,3 @@ class Pool:
         txt = sum((t.sum(0, dtype=torch.float64) for _, t in self._txt_chunks()),
                   torch.zeros(self.txt.shape[1], dtype=torch.float64, device=self.txt.device))
         return torch.cat([counts @ self.img.double(), txt])
-
-
-@torch.no_grad()
-def joint_halves(model, feats, texts, chunk=4096):
-    """(L2(tail(feats)) per image, float32; L2(head(texts)) per pair, float16), in eval mode,
-    the text half filled chunk by chunk."""
-    model.tail.eval()
-    model.head.eval()
-    img = torch.cat([F.normalize(model.tail(feats[s:s + chunk]).float(), dim=-1)
-                     for s in range(0, len(feats), chunk)])
-    txt = None
-    for s in range(0, len(texts), chunk):
-        t = F.normalize(model.head(texts[s:s + chunk]).float(), dim=-1)
-        if txt is None:
-            txt = torch.empty((len(texts), t.shape[1]), dtype=torch.float16, device=t.device)
-        txt[s:s + len(t)] = t.half()
-    return img, txt

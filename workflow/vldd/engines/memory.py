@@ -21,6 +21,7 @@ graph and a few parameter snapshots at a time).
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
 
@@ -55,10 +56,7 @@ def exact_graph(u: Unroll, pixels, texts, lr_img, lr_txt) -> tuple[int, int]:
     (its syn_steps are ignored: K = 1 and 2 are measured). The random state is left as it
     was (the probe's batches and dropout draw from their own streams)."""
     def forward(k):
-        probe = Unroll(u.model, u.layouts, u.theta0, u.target, syn_steps=k,
-                       mini_batch=u.mini_batch, scale=u.scale,
-                       gen=torch.Generator().manual_seed(0), opts=u.opts,
-                       similarity=u.similarity, blend=u.blend)
+        probe = replace(u, syn_steps=k, gen=torch.Generator().manual_seed(0), terms=None)
         feats = distilled_trunk_features(u.model, pixels, u.opts)
         end = unroll(probe, feats, texts, lr_img, lr_txt)
         matching_loss(end, probe.theta0, probe.target)

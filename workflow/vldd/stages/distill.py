@@ -264,13 +264,11 @@ class Distiller:
 
     def pairset(self):
         images, texts, lrs, sim, iteration = self.chosen()
-        if self.covmatch is not None:   # learns no lrs: evaluate trains with evaluate.lr
-            lrs = [float("nan")] * 2
         if sim is not None and not all(np.isfinite(a).all() for a in sim.values()):
             raise VlddError("the learned similarity matrix holds NaN or inf: lower "
                             "distill.lors.lr_sim.")
         bad = [f"{name} {lr:.4g}" for name, lr in zip(("lr_image", "lr_text"), lrs)
-               if not (math.isfinite(lr) and lr > 0) and self.covmatch is None]
+               if not (math.isfinite(lr) and lr > 0)]
         if bad:   # only with lr_min null: evaluate would train by gradient ascent
             raise VlddError(
                 f"the learned lrs went to zero or below ({', '.join(bad)}), so the pair set "
@@ -279,6 +277,8 @@ class Distiller:
         if not (np.isfinite(images).all() and np.isfinite(texts).all()):
             raise VlddError("the distilled images or texts hold NaN or inf: lower "
                             "distill.lr_image / lr_text.")
+        if self.covmatch is not None:   # learns no lrs: evaluate trains with evaluate.lr
+            lrs = [float("nan")] * 2
         if self.cfg.select == "best":
             log.info("saving the data of iteration %d (select best: mean matching loss %.4f "
                      "over its window of %d iterations)", iteration,

@@ -31,9 +31,9 @@ from ..encoders import image_normalisation
 from ..errors import VlddError
 from ..experts import data_fingerprint, load_expert_model
 from ..io import config_hash, provenance
-from ..model import build_model, logit_scale, resolve_device
+from ..model import build_model, embed_pairs, logit_scale, resolve_device
 from ..pairset import PairSet, check_budget, random_pairs, write_pairset
-from ..pool import Pool, joint_halves
+from ..pool import Pool
 from ..prepared import load_embeddings, load_prepared
 from ..progress import Progress
 from ..realdata import RealData, real_pairs, train_on_real
@@ -64,7 +64,7 @@ def pair_embedding(data_dir, embeddings_path, model_cfg, expert_path, device="cp
     model, attrs = load_expert_model(expert_path, model_cfg, emb.shape[1], data_dir,
                                      embeddings_path, dev)
     data, pool = _real_data(prepared, emb, model, dev)
-    pool.img, pool.txt = joint_halves(model, data.feats, data.texts)
+    pool.img, pool.txt = embed_pairs(model, data.feats, data.texts, text_dtype=torch.float16)
     pool.pair_row = data.pair_img.to(pool.img.device)
     return pool, model, attrs
 
