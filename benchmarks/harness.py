@@ -15,6 +15,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
+sys.path.insert(0, str(ROOT / "workflow"))
+
+from vldd.heap import set_heap_env  # noqa: E402
 
 
 def machine() -> dict:
@@ -85,6 +88,7 @@ def run_child(script, spec: dict, what: dict) -> dict:
     mix) and return the dict its report() printed; when it printed none, `what` (what was
     measured) with the last lines of its stderr as "error"."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "workflow")}
+    set_heap_env(env)   # the C heap of a pipeline job (vldd.heap), for every engine alike
     proc = subprocess.run([sys.executable, str(script), "--child", json.dumps(spec)], env=env,
                           capture_output=True, text=True)
     for line in proc.stdout.splitlines():

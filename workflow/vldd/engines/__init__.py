@@ -19,9 +19,10 @@ gradient w.r.t. the pixels, the text embeddings and the two lrs. They differ in 
       dL/dX   -= (dg_k/dX)^T (lr * lambda_{k+1})
       dL/dlr  -= g_k . lambda_{k+1}                            (per encoder)
 
-  Memory: one step's graph plus K/segment + segment snapshots (and the trunk recomputed
-  in chunks of TRUNK_CHUNK images for the pixel gradient); time: about one extra gradient
-  evaluation per step.
+  Memory: one step's graph plus K/segment + segment snapshots (by default segment 1, no
+  step recomputed, while the K snapshots take at most 256 MiB: adjoint.default_segment), and
+  the trunk recomputed in chunks of TRUNK_CHUNK images for the pixel gradient; time: about
+  one extra gradient evaluation per step.
 - ``constant-memory``: the TESLA gradient of LoRS (Cui et al. 2023; Xu et al. 2024). The
   same recurrence with lambda_k frozen at lambda_K, i.e. without the second-order terms
   H_k that carry a change of X_k into the later steps. An approximation; memory does not

@@ -16,6 +16,7 @@ from ..losses import GROUPS, matching_loss
 from .inner import Unroll, distilled_trunk_features
 
 TRUNK_CHUNK = 16   # images per trunk recomputation in the recomputing engines
+SNAPSHOT_BYTES = 256 * 2**20   # checkpointed keeps every step's parameters up to this much
 
 
 def _rng_get(device):
@@ -151,12 +152,22 @@ def _adjoint_end(u: Unroll, theta_end):
     return loss.detach(), lam
 
 
+def default_segment(syn_steps: int, theta) -> int:
+    """Steps per snapshot when distill.segment_steps is null: 1 (every step's parameters kept,
+    no step recomputed) while those syn_steps snapshots take at most SNAPSHOT_BYTES, else
+    ceil(sqrt(syn_steps)) (memory in sqrt(K) snapshots, about K more steps recomputed)."""
+    size = sum(t.numel() * t.element_size() for t in theta)
+    if syn_steps * size <= SNAPSHOT_BYTES:
+        return 1
+    return max(1, math.ceil(math.sqrt(syn_steps)))
+
+
 def checkpointed(u: Unroll, pixels, texts, lr_img, lr_txt):
     """The exact gradient: snapshots every `segment` steps in the forward pass, each segment
     recomputed in the reverse pass, lambda carried back through H_k."""
     replay = _Replay(u, pixels, texts, lr_img, lr_txt)
     K, th = u.syn_steps, replay.theta0
-    seg = u.opts.segment or max(1, math.ceil(math.sqrt(K)))
+    seg = u.opts.segment or default_segment(K, th)
     snaps = {}
     for k in range(K):
         if k % seg == 0:

@@ -1,14 +1,24 @@
 """The CPU fast path: the copy of the image tail that every engine evaluates.
 
-The unroll differentiates every step twice (create_graph). On CPU the double backward of a
-grouped (depthwise) convolution runs as one small convolution per channel, a 1x1 convolution
-through oneDNN reorders its (new every step) weights on every call, and the batch-norm backward
-kernels are slow next to the few elementwise products an eval-mode batch norm amounts to.
-`unroll_tail` therefore evaluates a copy of the tail whose modules compute the same functions
-another way: 1x1 and depthwise convolutions on small maps as matrix products (_GemmConv2d),
-eval-mode batch norms as an affine map (_AffineBatchNorm). Same parameter names, so the flat
-layouts apply; larger maps, training-mode batch norms and any other module take the ordinary
-path.
+The unroll differentiates every step twice (create_graph) and keeps every step's graph. On
+CPU the double backward of a grouped (depthwise) convolution runs as one small convolution
+per channel, a 1x1 convolution through oneDNN reorders its (new every step) weights on every
+call, and the batch-norm backward kernels are slow next to the few elementwise products an
+eval-mode batch norm amounts to. `unroll_tail` therefore evaluates a copy of the tail whose
+modules compute the same functions another way:
+
+- convolutions (_FastConv: nn.Conv2d and timm's Conv2dSame, ScaledStdConv2d(Same)): 1x1 ones
+  on small maps as one GEMM, depthwise ones on small maps as one batched product with constant
+  shift matrices, both on the [c, h, w, n] layout their results come in, so that a chain of
+  them reads its operands without copies;
+- eval-mode batch norms (_AffineBatchNorm) as an affine map, their scale folded into the
+  convolution before them where nothing else reads its output (fold_norms; then the norm does
+  not keep that output for its backward), and ReLU / ReLU6 after them as a clamp whose
+  backward keeps a boolean mask (_Clamp).
+
+Its effect at both settings is in benchmarks/README.md ("Distillation engines"). Same
+parameter names, so the flat layouts apply; larger maps,
+training-mode batch norms and any other module take the ordinary path.
 """
 from __future__ import annotations
 
@@ -20,7 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 GEMM_MAX_POSITIONS = 256   # 1x1 convolutions as GEMMs on maps up to 16 x 16
-DENSE_MAX_POSITIONS = 16   # depthwise convolutions as dense products on maps up to 4 x 4
+DENSE_MAX_PAIRS = 4096     # depthwise ones as batched products while (output positions) x
+                           # (input positions) <= this: maps up to 8 x 8
 
 
 def _shift_matrices(h, w, kernel, padding, stride, like):
@@ -47,35 +58,84 @@ def _shift_matrices(h, w, kernel, padding, stride, like):
 _SHIFTS: dict = {}
 
 
-class _GemmConv2d(nn.Conv2d):
-    """nn.Conv2d with its 1x1 and depthwise cases computed as matrix products on small maps.
+class _FastConv:
+    """Mixin for the convolutions of _conv_bases(): their 1x1 and depthwise cases on small
+    maps as matrix products, whose double backward is cheap on CPU; the same function.
 
-    The same function; as a GEMM (1x1) and as a dense product with constant shift matrices
-    (depthwise, maps up to 4 x 4) its double backward is cheap on CPU. Larger maps, and any
-    other convolution, take the ordinary path.
+    A 1x1 convolution is a GEMM on maps up to GEMM_MAX_POSITIONS. A depthwise one is, per
+    channel c, out[n, c] = M_c @ x[n, c] with M_c = sum_k w[c, k] S_k, S_k the constant 0/1
+    matrix of kernel offset k (zero padding, stride): one batched product [c, P, Q] @
+    [c, Q, n] while P * Q <= DENSE_MAX_PAIRS. The class's own steps come first and stay as
+    they are: timm's "same" padding computed from the input (Conv2dSame, `same`), its scaled
+    weight standardisation (ScaledStdConv2d, NFNet's, `standardised`). Anything else takes
+    the ordinary convolution.
     """
 
+    same = False            # pad_same on the input first (timm Conv2dSame)
+    standardised = False    # the weight scaled and standardised first (timm ScaledStdConv2d)
+
     def forward(self, x):
-        if (x.dim() != 4 or x.shape[-1] * x.shape[-2] > GEMM_MAX_POSITIONS
-                or self.padding_mode != "zeros" or self.dilation != (1, 1)
-                or isinstance(self.padding, str)):
+        if self.padding_mode != "zeros":
             return super().forward(x)
+        weight, bias = self.weight, self.bias
+        if self.same or getattr(self, "same_pad", False):
+            from timm.layers import pad_same
+            x = pad_same(x, self.kernel_size, self.stride, self.dilation)
+        if self.standardised:
+            weight = F.batch_norm(weight.reshape(1, self.out_channels, -1), None, None,
+                                  weight=(self.gain * self.scale).view(-1), training=True,
+                                  momentum=0.0, eps=self.eps).reshape_as(weight)
+        norm = self.__dict__.get("_folded_norm")   # fold_norms(): the batch norm's scale here
+        scale = None if norm is None else norm.eval_scale()
+        if scale is not None:
+            weight = weight * scale.view(-1, 1, 1, 1)
+            bias = None if bias is None else bias * scale
+        y = self._product(x, weight)
+        if y is None:
+            return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation,
+                            self.groups)
+        return y if bias is None else y + bias.view(1, -1, 1, 1)
+
+    def _product(self, x, weight):
+        """The convolution as a matrix product, or None where it has none here."""
+        if x.dim() != 4 or self.dilation != (1, 1) or isinstance(self.padding, str):
+            return None
         n, c, h, w = x.shape
-        kh, kw = self.kernel_size
-        if (kh, kw) == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0) \
-                and self.groups == 1:
-            y = F.linear(x.permute(0, 2, 3, 1), self.weight.view(self.out_channels, c))
-            y = y.permute(0, 3, 1, 2)
-        elif self.groups == c == self.out_channels and h * w <= DENSE_MAX_POSITIONS:
-            # depthwise on a tiny map: out[n, c] = M_c @ x[n, c] with M_c = sum_k w[c, k] S_k,
-            # S_k the (constant) 0/1 matrix of kernel offset k (zero padding, stride)
-            shifts = _shift_matrices(h, w, (kh, kw), self.padding, self.stride, x)
-            ho, wo = shifts.shape[1], shifts.shape[2]
-            m = (self.weight.view(c, kh * kw) @ shifts.view(kh * kw, -1)).view(c, ho * wo, h * w)
-            y = (m.unsqueeze(0) * x.reshape(n, c, 1, h * w)).sum(-1).view(n, c, ho, wo)
-        else:
-            return super().forward(x)
-        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+        (kh, kw), (ph, pw), (sh, sw) = self.kernel_size, self.padding, self.stride
+        if (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0) and self.groups == 1 \
+                and h * w <= GEMM_MAX_POSITIONS:
+            y = weight.view(self.out_channels, c) @ _channels_first(x).view(c, h * w * n)
+            return y.view(self.out_channels, h, w, n).permute(3, 0, 1, 2)
+        ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+        if not (self.groups == c == self.out_channels and ho * wo * h * w <= DENSE_MAX_PAIRS):
+            return None
+        shifts = _shift_matrices(h, w, (kh, kw), self.padding, self.stride, x)
+        m = (weight.view(c, kh * kw) @ shifts.view(kh * kw, -1)).view(c, ho * wo, h * w)
+        y = torch.bmm(m, _channels_first(x).view(c, h * w, n))
+        return _ContiguousGrad.apply(y).view(c, ho, wo, n).permute(3, 0, 1, 2)
+
+
+def _channels_first(x):
+    """x [n, c, h, w] as the contiguous [c, h, w, n] the products read: a view when x is
+    already laid out so (the output of a product), else one copy."""
+    return x.permute(1, 2, 3, 0).contiguous()
+
+
+class _GemmConv2d(_FastConv, nn.Conv2d):
+    """nn.Conv2d through _FastConv."""
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """The identity, whose gradient comes back contiguous: the batched product's gradients
+    then reach BLAS in one piece (a strided one is copied matrix by matrix)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.contiguous()
 
 
 class _AffineBatchNorm:
@@ -85,21 +145,51 @@ class _AffineBatchNorm:
     its class applies them (`activates`). Training mode takes the ordinary path."""
 
     activates = False
+    folded = False      # fold_norms(): its convolution already multiplied by the scale
+
+    def eval_scale(self):
+        """The per-channel scale of the eval-mode map, or None in training mode."""
+        if self.training or self.running_mean is None or self.running_var is None:
+            return None
+        scale = torch.rsqrt(self.running_var + self.eps)
+        return scale if self.weight is None else scale * self.weight
 
     def forward(self, x):
-        if self.training or self.running_mean is None or self.running_var is None \
-                or x.dim() != 4:
+        scale = self.eval_scale() if x.dim() == 4 else None
+        if scale is None:
             return super().forward(x)
-        scale = torch.rsqrt(self.running_var + self.eps)
-        if self.weight is not None:
-            scale = scale * self.weight
         shift = -self.running_mean * scale
         if self.bias is not None:
             shift = shift + self.bias
-        y = x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+        if self.folded:
+            y = x + shift.view(1, -1, 1, 1)
+        else:
+            y = x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
         if self.activates:
-            y = self.act(self.drop(y))
+            y = self.drop(y)
+            bounds = _CLAMPS.get(type(self.act))
+            y = self.act(y) if bounds is None else _Clamp.apply(y, *bounds)
         return y
+
+
+class _Clamp(torch.autograd.Function):
+    """ReLU / ReLU6 as clamp(x, lo, hi) whose backward keeps a boolean mask (lo < x < hi, as
+    PyTorch's threshold and hardtanh backward) instead of the float input. Piecewise linear:
+    the backward, grad * mask, is linear in grad, so its own derivative needs the mask only
+    (hardtanh's double backward keeps grad and input, and adds zeros for the input)."""
+
+    @staticmethod
+    def forward(ctx, x, lo, hi):
+        ctx.save_for_backward((x > lo) & (x < hi))
+        return x.clamp(lo, hi)
+
+    @staticmethod
+    def backward(ctx, g):
+        (mask,) = ctx.saved_tensors
+        return g * mask, None, None
+
+
+_CLAMPS = {nn.ReLU: (0.0, float("inf")), nn.ReLU6: (0.0, 6.0)}
 
 
 @cache
@@ -122,13 +212,62 @@ def _affine_class(cls):
 _AFFINE: dict = {}
 
 
+@cache
+def _conv_bases() -> dict:
+    """The convolution classes _FastConv computes, each with its class attributes: nn.Conv2d,
+    and timm's Conv2dSame (EfficientNet-Lite's stride-2 convolutions), ScaledStdConv2d and
+    ScaledStdConv2dSame (NFNet's). Exact types, as for the batch norms."""
+    from timm.layers import Conv2dSame, ScaledStdConv2d, ScaledStdConv2dSame
+
+    return {nn.Conv2d: {}, Conv2dSame: {"same": True}, ScaledStdConv2d: {"standardised": True},
+            ScaledStdConv2dSame: {"standardised": True}}
+
+
 def _fast_class(mod):
     """The drop-in class for a module of the unrolled tail, or None to keep it."""
-    if type(mod) is nn.Conv2d:
-        return _GemmConv2d
-    if type(mod) in _affine_bases():
-        return _affine_class(type(mod))
-    return None
+    cls = type(mod)
+    if cls not in _FAST:
+        if cls is nn.Conv2d:
+            _FAST[cls] = _GemmConv2d
+        elif cls in _conv_bases():
+            _FAST[cls] = type(f"_Fast{cls.__name__}", (_FastConv, cls), _conv_bases()[cls])
+        elif cls in _affine_bases():
+            _FAST[cls] = _affine_class(cls)
+        else:
+            _FAST[cls] = None
+    return _FAST[cls]
+
+
+_FAST: dict = {}
+
+
+# (convolution, batch norm) attribute pairs of timm's EfficientNet / MobileNet classes whose
+# forward feeds the convolution's output to the batch norm and to nothing else
+_FOLDS = {"EfficientNet": (("conv_stem", "bn1"), ("conv_head", "bn2")),
+          "DepthwiseSeparableConv": (("conv_s2d", "bn_s2d"), ("conv_dw", "bn1"),
+                                     ("conv_pw", "bn2")),
+          "InvertedResidual": (("conv_s2d", "bn_s2d"), ("conv_pw", "bn1"), ("conv_dw", "bn2"),
+                               ("conv_pwl", "bn3"))}
+
+
+def fold_norms(module):
+    """Fold each eval-mode batch norm's scale into the convolution before it: conv(x, w) * s
+    + t = conv(x, w * s) + t. The batch norm then no longer keeps the convolution's output for
+    its own backward (one activation less per pair in every unrolled step), and its multiply
+    is gone. Pairs: the named ones of _FOLDS, and consecutive children of a Sequential; both
+    modules must be fast-path ones (the convolution with zero padding)."""
+    for mod in module.modules():
+        names = _FOLDS.get(type(mod).__name__, ()) if type(mod).__module__.startswith(
+            "timm.") else ()
+        pairs = [(getattr(mod, a, None), getattr(mod, b, None)) for a, b in names]
+        if type(mod) is nn.Sequential:
+            kids = list(mod.children())
+            pairs += list(zip(kids, kids[1:]))
+        for conv, norm in pairs:
+            if isinstance(conv, _FastConv) and isinstance(norm, _AffineBatchNorm) \
+                    and conv.padding_mode == "zeros" and not norm.folded:
+                conv.__dict__["_folded_norm"] = norm     # not a submodule: names unchanged
+                norm.folded = True
 
 
 def unroll_tail(model):
@@ -148,6 +287,7 @@ def unroll_tail(model):
             cls = _fast_class(mod)
             if cls is not None:
                 mod.__class__ = cls
+        fold_norms(fast)
         cached = (tail, where, fast, list(zip(tail.modules(), fast.modules())))
         model._unroll_tail = cached
     for a, b in cached[3]:
