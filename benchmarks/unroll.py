@@ -240,6 +240,10 @@ def parse(argv=None):
     p.add_argument("--search-steps", default="4,2,1",
                    help="syn_steps tried (those below --syn-steps) when the setting is "
                         "unstable; 'none' skips")
+    p.add_argument("--check-dtype", default="float32", choices=["float32", "float64"],
+                   help="precision of the gradient check, the sensitivity and the search "
+                        "(float64 where float32 rounding alone crosses the network's kinks, "
+                        "e.g. --trainable all: see benchmarks/README.md); timing is float32")
     p.add_argument("--check-only", action="store_true",
                    help="stop after the gradient check (and the sensitivity): no timing")
     p.add_argument("--quick", action="store_true",

@@ -215,8 +215,8 @@ def fmt_cos(v):
     return "n/a" if v is None else f"{v:+.3f}"
 
 
-def print_check(rows):
-    print(f"\nGradient check at iteration 0 vs exact (fp32; tolerance {TOLERANCE:g} relative L2 "
+def print_check(rows, dtype="float32"):
+    print(f"\nGradient check at iteration 0 vs exact ({dtype}; tolerance {TOLERANCE:g} relative L2 "
           "for reference and checkpointed)")
     table_header("engine", "loss", *(f"{n} rel.err (cos)" for n in GRAD_NAMES))
     for e, r in rows.items():
@@ -224,8 +224,8 @@ def print_check(rows):
         print(f"| {e} | {r['loss']:.6f} | " + " | ".join(cells) + " |")
 
 
-def print_sensitivity(sens):
-    print(f"\nSensitivity of the {sens['engine']} meta-gradient (fp32, iteration "
+def print_sensitivity(sens, dtype="float32"):
+    print(f"\nSensitivity of the {sens['engine']} meta-gradient ({dtype}, iteration "
           f"{sens['iteration']}; lr "
           f"{sens['lr']:g}, syn_steps {sens['syn_steps']}; loss {sens['loss']:.6f}) to a random "
           f"relative {sens['eps']:g} perturbation: relative L2 change (cosine with the "
@@ -303,13 +303,13 @@ def _numbers(text, kind):
 def run_check(args, problem, engines):
     """The gradient check, and the sensitivity (when it fails or with --sensitivity) with the
     search for a stable setting; returns (payload for the results, bad, sensitivity)."""
-    setup = Setup(args, problem)
+    setup = Setup(args, problem, dtype=getattr(torch, args.check_dtype))
     rows, bad, exact = gradient_check(args, problem, engines, setup)
-    print_check(rows)
+    print_check(rows, args.check_dtype)
     sens, search, best_lr, best_steps = None, [], None, None
     if bad or args.sensitivity:
         sens = sensitivity(setup, base=exact)
-        print_sensitivity(sens)
+        print_sensitivity(sens, args.check_dtype)
         lrs, steps = _numbers(args.search_lrs, float), _numbers(args.search_steps, int)
         if not sens["stable"] and (lrs or steps):
             print(SEARCH_HEADER, flush=True)

@@ -68,7 +68,7 @@ class Setup:
 
     method, similarity = "mtt", None      # (--method lors / repblend: set in __init__)
 
-    def __init__(self, args, problem_path):
+    def __init__(self, args, problem_path, dtype=torch.float32):
         from vldd.engines import EngineOptions, apply_backend
         from vldd.model import build_model, resolve_device
         from vldd.train import train_mode
@@ -78,19 +78,22 @@ class Setup:
         data = torch.load(problem_path, weights_only=True)
         self.cfg = args_model_cfg(args)
         self.text_dim = data["texts"].shape[1]
-        self.model = build_model(self.cfg, self.text_dim, seed=0).to(self.dev)
+        self.dtype = dtype   # float64: the gradient check where float32 rounding crosses kinks
+        self.model = self._typed(build_model(self.cfg, self.text_dim, seed=0))
         self.opts = EngineOptions(autocast=args.autocast, tf32=args.tf32,
                                   channels_last=not args.no_channels_last)
         apply_backend(self.opts, self.model, self.dev)
         train_mode(self.model)
         self.layouts = self.model.layouts()
-        self.theta0 = {g: v.to(self.dev) for g, v in data["theta0"].items()}
-        self.target = {g: v.to(self.dev) for g, v in data["target"].items()}
-        self.pixels = data["pixels"].to(self.dev).requires_grad_(True)
-        self.texts = data["texts"].to(self.dev).requires_grad_(True)
-        self.lr_img = torch.tensor(args.lr, device=self.dev, requires_grad=True)
-        self.lr_txt = torch.tensor(args.lr, device=self.dev, requires_grad=True)
+        self.theta0 = {g: v.to(self.dev, dtype) for g, v in data["theta0"].items()}
+        self.target = {g: v.to(self.dev, dtype) for g, v in data["target"].items()}
+        self.pixels = data["pixels"].to(self.dev, dtype).requires_grad_(True)
+        self.texts = data["texts"].to(self.dev, dtype).requires_grad_(True)
+        self.lr_img = torch.tensor(args.lr, device=self.dev, dtype=dtype, requires_grad=True)
+        self.lr_txt = torch.tensor(args.lr, device=self.dev, dtype=dtype, requires_grad=True)
         self.method = getattr(args, "method", "mtt")
+        if dtype != torch.float32 and self.method != "mtt":
+            raise SystemExit("--check-dtype float64 is for --method mtt")
         self.similarity = None
         if self.method != "mtt":     # LoRS's S, moved off the identity (R = 0 at the start)
             from vldd.similarity import Similarity
@@ -107,7 +110,14 @@ class Setup:
 
     def build_student(self):
         from vldd.model import build_model
-        return build_model(self.cfg, self.text_dim, seed=0).to(self.dev)
+        return self._typed(build_model(self.cfg, self.text_dim, seed=0))
+
+    def _typed(self, model):
+        """The DualEncoder on the device, in the Setup's dtype."""
+        model.to(self.dev)
+        for part in (model.tower.trunk, model.tower.tail, model.head):
+            part.to(self.dtype)
+        return model
 
     def run(self, engine, iteration, syn_steps, opts=None):
         """One iteration of `engine` (or "reference"); the batches and dropout masks depend on
