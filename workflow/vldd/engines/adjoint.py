@@ -59,10 +59,14 @@ class _Replay:
             g_i = torch.zeros_like(th[0])
         return g_i, g_t, fb, tb
 
-    def forward(self, k, th_data):
-        """theta_{k+1} (no graph) from theta_k and g_k; records the rng state of step k."""
+    def record_rng(self, k):
+        """The dropout generator's state before step k, the first time step k runs."""
         if k == len(self.rng):
             self.rng.append(_rng_get(self.device))
+
+    def forward(self, k, th_data):
+        """theta_{k+1} (no graph) from theta_k and g_k; records the rng state of step k."""
+        self.record_rng(k)
         th = tuple(t.detach().requires_grad_(True) for t in th_data)
         with torch.enable_grad():
             g_i, g_t, _, _ = self.grad(k, th)
@@ -75,14 +79,22 @@ class _Replay:
         self.dtexts = torch.zeros_like(self.texts)
         self.dsim = [torch.zeros_like(p) for p in self.u.leaves()]
 
-    def vjp(self, k, th_data, lam, need_hv):
-        """Step k recomputed with a graph at theta_k = th_data: returns (g_k, H_k (lr * lam),
-        or None unless need_hv) and accumulates -(dg_k/dX)^T (lr * lam) into dfeats, dtexts
-        (and dsim, for the similarity's parameters)."""
-        lrs = self.lrs
+    def step_graph(self, k, th_data):
+        """Step k at theta_k = th_data with its graph: (theta_k leaves, g_i, g_t, feats_b,
+        texts_b)."""
+        self.record_rng(k)
         th = tuple(t.detach().requires_grad_(True) for t in th_data)
         with torch.enable_grad():
-            g_i, g_t, fb, tb = self.grad(k, th, create_graph=True)
+            return (th, *self.grad(k, th, create_graph=True))
+
+    def vjp(self, k, th_data, lam, need_hv, graph=None):
+        """Step k recomputed with a graph at theta_k = th_data (or its `graph` from
+        step_graph): returns (g_k, H_k (lr * lam), or None unless need_hv) and accumulates
+        -(dg_k/dX)^T (lr * lam) into dfeats, dtexts (and dsim, for the similarity's
+        parameters)."""
+        lrs = self.lrs
+        th, g_i, g_t, fb, tb = graph or self.step_graph(k, th_data)
+        with torch.enable_grad():
             s = (g_i * (lrs[0] * lam[0])).sum() + (g_t * (lrs[1] * lam[1])).sum()
             inputs = ([th[0], th[1]] if need_hv else []) + [fb] + ([tb] if tb.requires_grad
                                                                   else []) + self.u.leaves()
@@ -164,15 +176,22 @@ def default_segment(syn_steps: int, theta) -> int:
 
 def checkpointed(u: Unroll, pixels, texts, lr_img, lr_txt):
     """The exact gradient: snapshots every `segment` steps in the forward pass, each segment
-    recomputed in the reverse pass, lambda carried back through H_k."""
+    recomputed in the reverse pass, lambda carried back through H_k. The forward pass takes
+    its last step with the graph, which the reverse pass then starts from (one step fewer
+    recomputed; the peak is one step's graph either way)."""
     replay = _Replay(u, pixels, texts, lr_img, lr_txt)
     K, th = u.syn_steps, replay.theta0
     seg = u.opts.segment or default_segment(K, th)
-    snaps = {}
+    snaps, last = {}, None
     for k in range(K):
         if k % seg == 0:
             snaps[k] = th
-        th, _ = replay.forward(k, th)
+        if k < K - 1:
+            th, _ = replay.forward(k, th)
+        else:   # the last step keeps its graph: the reverse pass starts with it, not again
+            last = replay.step_graph(k, th)
+            with torch.no_grad():
+                th = (th[0] - replay.lrs[0] * last[1], th[1] - replay.lrs[1] * last[2])
     rng_after = _rng_get(replay.device)
     loss, lam = _adjoint_end(u, th)
     replay.begin_reverse()
@@ -184,7 +203,8 @@ def checkpointed(u: Unroll, pixels, texts, lr_img, lr_txt):
             nxt, _ = replay.forward(k, inside[-1])
             inside.append(nxt)
         for k in reversed(range(start, stop)):
-            g, hv = replay.vjp(k, inside.pop(), lam, need_hv=True)
+            g, hv = replay.vjp(k, inside.pop(), lam, need_hv=True,
+                               graph=last if k == K - 1 else None)
             with torch.no_grad():
                 d_lr[0] -= (g[0] * lam[0]).sum()
                 d_lr[1] -= (g[1] * lam[1]).sum()
