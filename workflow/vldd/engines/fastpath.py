@@ -16,8 +16,8 @@ modules compute the same functions another way:
   not keep that output for its backward), and ReLU / ReLU6 after them as a clamp whose
   backward keeps a boolean mask (_Clamp).
 
-Its effect at both settings is in benchmarks/README.md ("Distillation engines"). Same
-parameter names, so the flat layouts apply; larger maps,
+Its effect at both settings is in benchmarks/README.md ("Both settings after the
+whole-encoder work"). Same parameter names, so the flat layouts apply; larger maps,
 training-mode batch norms and any other module take the ordinary path.
 """
 from __future__ import annotations
@@ -79,8 +79,7 @@ class _FastConv:
             return super().forward(x)
         weight, bias = self.weight, self.bias
         if self.same or getattr(self, "same_pad", False):
-            from timm.layers import pad_same
-            x = pad_same(x, self.kernel_size, self.stride, self.dilation)
+            x = _pad_same()(x, self.kernel_size, self.stride, self.dilation)
         if self.standardised:
             weight = F.batch_norm(weight.reshape(1, self.out_channels, -1), None, None,
                                   weight=(self.gain * self.scale).view(-1), training=True,
@@ -113,6 +112,13 @@ class _FastConv:
         m = (weight.view(c, kh * kw) @ shifts.view(kh * kw, -1)).view(c, ho * wo, h * w)
         y = torch.bmm(m, _channels_first(x).view(c, h * w, n))
         return _ContiguousGrad.apply(y).view(c, ho, wo, n).permute(3, 0, 1, 2)
+
+
+@cache
+def _pad_same():
+    from timm.layers import pad_same
+
+    return pad_same
 
 
 def _channels_first(x):
