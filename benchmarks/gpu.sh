@@ -11,6 +11,9 @@
 #    largest sweep points may run out of memory and are then listed as errors.
 # 2. bf16 autocast of the trunk + TF32: the same engines, timed, and how far their gradient
 #    is from fp32 (printed as the exact+bf16+tf32 row of the check).
+# 3. The paper's setting: NFNet-L0 with every layer trained, 224 px, 100 pairs, syn_steps 8,
+#    mini_batch 100 (random init: the machine needs no hub access; timing does not depend on
+#    the weights), fp32 timing of reference, exact and checkpointed, the check in float64.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -24,3 +27,7 @@ PY
     --reference-max-steps 32 "$@"
 "$PY" benchmarks/unroll.py --device cuda --resolution 224 --iterations 5 --warmup 2 \
     --autocast bf16 --tf32 --sweep none --engines exact,checkpointed,constant-memory,heads-only "$@"
+"$PY" benchmarks/unroll.py --device cuda --image-encoder nfnet_l0 --image-weights none \
+    --trainable all --resolution 224 --budget 100 --mini-batch 100 --syn-steps 8 \
+    --iterations 3 --warmup 1 --sweep none --check-dtype float64 --search-lrs none \
+    --search-steps none --engines reference,exact,checkpointed "$@"
