@@ -546,3 +546,20 @@ def test_whole_encoder_fast_copy_is_the_encoder_to_second_order():
     assert all(m.eval_scale() is None for m in fast.modules() if hasattr(m, "eval_scale"))
     # batch statistics of 3 images on 1 x 1 maps amplify rounding: a looser tolerance
     assert torch.allclose(fast(x), model.tail(x), rtol=1e-7, atol=1e-9)
+
+
+def test_clamp_keeps_a_nan_gradient_out_where_the_unit_is_off():
+    """The fast path's ReLU6 passes the gradient where the unit is on and 0 elsewhere, even
+    when the incoming gradient there is NaN (as the double backward of F.normalize at a zero
+    vector makes it): the same as hardtanh's backward, first and second order."""
+    from vldd.engines.fastpath import _Clamp
+
+    x = torch.tensor([-1.0, 0.5, 7.0, 3.0], dtype=torch.float64, requires_grad=True)
+    g = torch.tensor([float("nan"), 2.0, float("inf"), -1.0], dtype=torch.float64)
+    for f in (lambda t: _Clamp.apply(t, 0.0, 6.0), lambda t: F.hardtanh(t, 0.0, 6.0)):
+        (gx,) = torch.autograd.grad(f(x), [x], g)
+        assert torch.equal(gx, torch.tensor([0.0, 2.0, 0.0, -1.0], dtype=torch.float64))
+    y = torch.tensor([-1.0, 0.5, 7.0, 3.0], dtype=torch.float64, requires_grad=True)
+    (gy,) = torch.autograd.grad(_Clamp.apply(y, 0.0, 6.0).pow(3).sum(), [y], create_graph=True)
+    (hy,) = torch.autograd.grad(gy.sum(), [y])
+    assert torch.equal(hy, torch.tensor([0.0, 3.0, 0.0, 18.0], dtype=torch.float64))

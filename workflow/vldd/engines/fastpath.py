@@ -181,8 +181,9 @@ class _AffineBatchNorm:
 class _Clamp(torch.autograd.Function):
     """ReLU / ReLU6 as clamp(x, lo, hi) whose backward keeps a boolean mask (lo < x < hi, as
     PyTorch's threshold and hardtanh backward) instead of the float input. Piecewise linear:
-    the backward, grad * mask, is linear in grad, so its own derivative needs the mask only
-    (hardtanh's double backward keeps grad and input, and adds zeros for the input)."""
+    the backward, grad where mask else 0, is linear in grad, so its own derivative needs the
+    mask only (hardtanh's double backward keeps grad and input, and adds zeros for the
+    input)."""
 
     @staticmethod
     def forward(ctx, x, lo, hi):
@@ -192,7 +193,9 @@ class _Clamp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (mask,) = ctx.saved_tensors
-        return g * mask, None, None
+        # a selection, not g * mask: a NaN or inf in g where the unit is off stays out, as
+        # in hardtanh's backward (e.g. the double backward of F.normalize at a zero vector)
+        return torch.where(mask, g, g.new_zeros(())), None, None
 
 
 _CLAMPS = {nn.ReLU: (0.0, float("inf")), nn.ReLU6: (0.0, 6.0)}
