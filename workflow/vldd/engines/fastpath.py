@@ -211,16 +211,6 @@ def _affine_bases() -> dict:
     return {nn.BatchNorm2d: False, BatchNormAct2d: True}
 
 
-def _affine_class(cls):
-    if cls not in _AFFINE:
-        _AFFINE[cls] = type(f"_Affine{cls.__name__}", (_AffineBatchNorm, cls),
-                            {"activates": _affine_bases()[cls]})
-    return _AFFINE[cls]
-
-
-_AFFINE: dict = {}
-
-
 @cache
 def _conv_bases() -> dict:
     """The convolution classes _FastConv computes, each with its class attributes: nn.Conv2d,
@@ -241,7 +231,8 @@ def _fast_class(mod):
         elif cls in _conv_bases():
             _FAST[cls] = type(f"_Fast{cls.__name__}", (_FastConv, cls), _conv_bases()[cls])
         elif cls in _affine_bases():
-            _FAST[cls] = _affine_class(cls)
+            _FAST[cls] = type(f"_Affine{cls.__name__}", (_AffineBatchNorm, cls),
+                              {"activates": _affine_bases()[cls]})
         else:
             _FAST[cls] = None
     return _FAST[cls]
