@@ -4,15 +4,13 @@ One distillation iteration allocates and frees the same few gigabytes of activat
 gradients, every iteration (an expert or evaluation epoch, less). With glibc's defaults, blocks
 above the adaptive mmap threshold (128 KiB to 32 MiB) come from the kernel and go back to it
 when freed, and a freed heap top is trimmed; every iteration then faults its memory in again,
-page by page, zero-filled by the kernel. Measured on 2 CPU cores at `trainable: all` (64 px,
-50 pairs, syn_steps 8, exact engine): 80,000-140,000 page faults and 0.2-1.2 s of system time
-per iteration in steady state, next to 6 s of arithmetic; with HEAP_ENV, none.
+page by page, zero-filled by the kernel (benchmarks/unroll_profile.py prints the page faults
+and system time per iteration; benchmarks/README.md has them with and without HEAP_ENV).
 
 HEAP_ENV asks for an mmap threshold of 1 GiB, no trimming and heap growth 256 MiB at a time,
 so freed blocks stay in the process for the next iteration. The resident set then stays at the
 peak between iterations (each iteration reaches it again); the peak does not change. glibc
-reads these variables at start-up only (mallopt() later, from Python, leaves most of the
-faults: measured), so they are set for the child processes: the Snakefile puts them into the
+reads these variables when a process starts, so they are set for the child processes: the Snakefile puts them into the
 environment of every job (unless already set), and benchmarks/harness.py into every
 measured process. Other C libraries ignore them.
 """
