@@ -12,7 +12,7 @@
 #
 # DATA_DIR: the emoji set built by ../shared/datasets/emoji/prepare.py DATA_DIR. WORKDIR
 # (default benchmarks/results/methods) is not committed. Environment:
-#   METHODS   default "mtt lors repblend"; also covmatch
+#   METHODS   default "mtt lors repblend ptmst covmatch"
 #   TRAINABLE heads (default) or last:1
 #   NUMERICS  "native" and/or "default" (ATEN_CPU_CAPABILITY=default); default "native default"
 #   OUT       default benchmarks/methods.md
@@ -27,7 +27,7 @@ WORK=${2:-benchmarks/results/methods}
 mkdir -p "$WORK"
 WORK=$(realpath "$WORK")
 CORES=${CORES:-2}
-METHODS=${METHODS:-mtt lors repblend}
+METHODS=${METHODS:-mtt lors repblend ptmst covmatch}
 TRAINABLE=${TRAINABLE:-heads}
 case "$TRAINABLE" in
     heads) MODEL=lite0-minilm-heads; FEATURES=encoder ;;
@@ -47,6 +47,12 @@ for method in $METHODS; do
     [ "$method" = covmatch ] && extra="  iterations: 300
   select: last
   covmatch: {features: $FEATURES, real_batch: 1024}"
+    # ptmst: PTM-ST's 100-pair script (one phase): LoRS with a full S, the shortcut
+    # trajectories of the experts' epochs 0-12 (the segments of config/emoji.yaml, starts
+    # below 8 with 4-epoch targets, end by epoch 11) and an EMA (0.99) of the distilled tensors
+    [ "$method" = ptmst ] && extra="  shortcut: [0, 12]
+  ema: 0.99
+  lors: {similarity: full}"
     cat > "$WORK/$method.yaml" <<YAML
 dataset:
   karpathy: {annotations: '$DATA/dataset_emoji.json', image_root: '$DATA'}
@@ -77,7 +83,7 @@ done
 secs=$(( $(date +%s) - start ))
 command="benchmarks/methods.sh DATA_DIR"
 [ "$NUMERICS" != "native default" ] && command="NUMERICS=\"$NUMERICS\" $command"
-[ "$METHODS" != "mtt lors repblend" ] && command="METHODS=\"$METHODS\" $command"
+[ "$METHODS" != "mtt lors repblend ptmst covmatch" ] && command="METHODS=\"$METHODS\" $command"
 [ "$TRAINABLE" != heads ] && command="TRAINABLE=$TRAINABLE $command"
 [ "$OUT" != benchmarks/methods.md ] && command="OUT=$OUT $command"
 LOADS="$load_start at the start, $(cut -d' ' -f1 /proc/loadavg 2>/dev/null || echo "?") at the end, on $(nproc) cores" \

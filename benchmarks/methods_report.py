@@ -96,7 +96,10 @@ def main():
            "iterations, mean over the seeds (it depends on what else ran on the machine); "
            "`peak RSS`: the largest of the seeds' jobs "
            "(Snakemake's benchmark files). LoRS distils 99 pairs and its similarity matrix for a "
-           "budget of 100 (distill.lors.pay_for_similarity); so does RepBlend."
+           "budget of 100 (distill.lors.pay_for_similarity); so do RepBlend and PTM-ST."
+           + (" PTM-ST (`ptmst`) is LoRS with a full S, matched to the shortcut "
+              "trajectories of the experts' epochs 0-12 (rule shortcut_expert), and saves the "
+              "moving average (decay 0.99) of its tensors." if "ptmst" in methods else "")
            + (" CovMatch runs 300 iterations (the others 150) with select last and "
               "covmatch.real_batch 1024 (methods.sh writes them into its config); its sets "
               "learn no lrs and train with evaluate.lr." if "covmatch" in methods else ""), ""]
