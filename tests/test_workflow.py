@@ -500,6 +500,32 @@ def test_tables_include_adds_other_runs_to_the_ablation_tables(tiny_run):
     assert (tiny_run / "results/tables/retrieval.parquet").is_file()
 
 
+def test_ptmst_500_pair_config_plans_its_two_phases_shortcuts(tmp_path):
+    """config/flickr30k-ptmst-500.yaml on the paper's and PTM-ST's 100-pair files: one
+    distillation of two phases (200 pairs against epochs 0-6, 299 against epochs 0-8), the
+    shortcuts of both windows for each of the 20 experts."""
+    ann = _karpathy_fixture(tmp_path / "raw")
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    files = [str(REPO / "config" / f"flickr30k{f}.yaml") for f in ("", "-ptmst", "-ptmst-500")]
+    out = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "-n", "-p",
+         "--cores", "2", "--configfile", *files, "--config",
+         f"dataset={{karpathy: {{annotations: '{ann}', image_root: '{tmp_path / 'raw' / 'imgs'}'}}}}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-3000:]
+    counts = job_counts(text)
+    assert counts["distill"] == 1 and counts["shortcut_expert"] == 40
+    assert "shortcut_0_6/expert_19.h5" in text and "shortcut_0_8/expert_19.h5" in text
+    assert "distilled/nfnet_l0-bert/ptmst/n500/pairs.h5" in text
+    d = yaml.safe_load(Path(files[2]).read_text())["distill"]
+    assert [(p["share"], p["shortcut"], p["min_start_epoch"], p["max_start_epoch"],
+             p["iterations"]) for p in d["phases"]] == [(200, [0, 6], 0, 2, 2000),
+                                                         (299, [0, 8], 1, 3, 2000)]
+    assert d["mini_batch"] == 40
+
+
 @pytest.mark.parametrize("paper", ["flickr30k", "coco"])
 def test_paper_configs_keep_the_papers_outer_optimisation_over_the_default(paper):
     """Snakemake loads config/config.yaml first and the paper's file on top: the default's

@@ -137,17 +137,18 @@ def embeddings_file(dataset=DATASET):
 
 def expert_files(wildcards):
     """The experts a distillation matches: as trained, or their shortcut trajectories over
-    the window distill.shortcut of its method (PTM-ST); none for CovMatch."""
+    the window distill.shortcut of its method (PTM-ST), or those of each of its phases'
+    windows (distill.phases); none for CovMatch."""
     section = distill_section(wildcards.method)
     if algorithm(section["method"]) in WITHOUT_EXPERTS:
         return []
-    window = section["shortcut"]
-    folder = f"shortcut_{window[0]}_{window[1]}/" if window else ""
+    windows = [{**section, **phase}["shortcut"] for phase in section["phases"] or [{}]]
+    folders = [f"shortcut_{w[0]}_{w[1]}/" if w else "" for w in windows]
     return expand(
         "results/{dataset}/experts/{model}/{folder}expert_{i}.h5",
         dataset=wildcards.dataset,
         model=wildcards.model,
-        folder=folder,
+        folder=list(dict.fromkeys(folders)),
         i=EXPERTS,
     )
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import trajectory
+from . import config, trajectory
 from .errors import VlddError
-from .io import h5_dataset, h5_writer, open_h5
+from .io import config_hash, h5_dataset, h5_writer, open_h5
 from .metrics import METRIC_ORDER
 from .model import cuda_rng_state, set_cuda_rng_state
 
@@ -239,3 +239,16 @@ def load_distiller(d, path, key) -> bool:
         load_optimizers(f, d.optimizers)
     log.info("resumed from %s at iteration %d", path, d.iteration)
     return True
+
+
+def checkpoint_key(model_cfg, cfg, budget, expert_paths) -> str:
+    """What a checkpoint must match to be resumed: the settings, and the experts' own config
+    hash and data fingerprint (retrained experts invalidate it)."""
+    model_cfg = config.section("model", model_cfg).as_dict()
+    cfg = config.section("distill", cfg).as_dict()
+    ids = []
+    for p in expert_paths:
+        with open_h5(p, "trajectory") as f:
+            ids.append([str(f.attrs.get("config_sha256", "")), str(f.attrs.get("data_sha256", ""))])
+    return config_hash({"model": model_cfg, "distill": cfg, "budget": int(budget),
+                        "experts": [str(p) for p in expert_paths], "expert_ids": ids})

@@ -8,6 +8,8 @@ Distilled sets and coresets share it, so `evaluate` treats them alike. Layout::
     /init/...     (distilled sets) the images and texts before distillation
     /similarity/  (LoRS) the learned similarity matrix's parameters: diag, left, right
                   (lowrank) or matrix (full); attrs kind, alpha (vldd.similarity)
+    /phases       int64 [N] (distill.phases, vldd.phases) each pair's phase; attrs
+                  phase_lr_image, phase_lr_text hold each phase's learned lrs
     attrs         provenance, kind (distilled | coreset), method, budget (what the set
                   costs: N, or N + 1 pairs when one pays for /similarity), image_mean,
                   image_std, lr_image, lr_text (learned lrs; NaN when there are none), loss
@@ -39,6 +41,8 @@ class PairSet:
     attrs: dict = field(default_factory=dict)
     nominal_budget: int | None = None     # the budget it was made for (None: its size)
     similarity: dict | None = None        # LoRS: {"kind", "alpha", "arrays": {name: array}}
+    phases: np.ndarray | None = None      # distill.phases: each pair's phase, trained in order
+    phase_lrs: np.ndarray | None = None   # [n_phases, 2]: each phase's (lr_image, lr_text)
 
     @property
     def budget(self):
@@ -75,6 +79,9 @@ def write_pairset(path, ps: PairSet, prov: dict):
                  lr_image=float(ps.lr_image), lr_text=float(ps.lr_text), loss=ps.loss)
     if "selected_iteration" in ps.attrs:   # distilled: the iteration whose data this is
         attrs["selected_iteration"] = int(ps.attrs["selected_iteration"])
+    if ps.phase_lrs is not None:
+        attrs["phase_lr_image"] = np.asarray(ps.phase_lrs, dtype=np.float64)[:, 0]
+        attrs["phase_lr_text"] = np.asarray(ps.phase_lrs, dtype=np.float64)[:, 1]
     with h5_writer(path, attrs) as f:
         h5_dataset(f, "images", np.asarray(ps.images, dtype=np.float32))
         h5_dataset(f, "texts", np.asarray(ps.texts, dtype=np.float32))
@@ -89,6 +96,8 @@ def write_pairset(path, ps: PairSet, prov: dict):
             g.attrs["alpha"] = float(ps.similarity["alpha"])
             for name, arr in ps.similarity["arrays"].items():
                 h5_dataset(g, name, np.asarray(arr, dtype=np.float32))
+        if ps.phases is not None:
+            h5_dataset(f, "phases", np.asarray(ps.phases, dtype=np.int64))
 
 
 def read_pairset(path) -> PairSet:
@@ -108,7 +117,10 @@ def read_pairset(path) -> PairSet:
                 init_images=None if init is None else init["images"][()],
                 init_texts=None if init is None else init["texts"][()], attrs=a,
                 nominal_budget=int(a["budget"]) if int(a["budget"]) != len(f["images"])
-                else None, similarity=sim)
+                else None, similarity=sim,
+                phases=f["phases"][()] if "phases" in f else None,
+                phase_lrs=None if "phases" not in f else
+                np.stack([a["phase_lr_image"], a["phase_lr_text"]], axis=1))
         except (KeyError, OSError, ValueError, TypeError) as exc:
             raise VlddError(f"{path}: damaged pair set ({exc}). Delete it and rerun the stage "
                             "that made it (distill or select_coreset).") from exc
@@ -132,6 +144,11 @@ def check_pairset(path, ps: PairSet) -> None:
             raise VlddError(f"{path}: the similarity parameters make an S of {shape}, which "
                             f"does not fit {n} pairs. {fix}")
         arrays += [(f"similarity/{k}", v) for k, v in ps.similarity["arrays"].items()]
+    if ps.phases is not None:
+        count = 0 if ps.phase_lrs is None else len(ps.phase_lrs)
+        if len(ps.phases) != n or set(np.unique(ps.phases)) != set(range(count)):
+            raise VlddError(f"{path}: phases {np.unique(ps.phases).tolist()} of {len(ps.phases)} "
+                            f"pairs do not match the {count} phases' lrs. {fix}")
     for name, arr in arrays:
         if not np.isfinite(arr).all():
             raise VlddError(f"{path}: {name} hold NaN or inf ({int((~np.isfinite(arr)).sum())} "

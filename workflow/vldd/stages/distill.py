@@ -14,8 +14,8 @@ runs on the distilled pixels once per iteration. distill.method lors (ICML 2024)
 similarity matrix over the pairs (vldd.similarity) as the students' soft target; repblend
 (NeurIPS 2025) adds representation blending to every student step (the paper trains image
 and text projection heads on a frozen encoder: model.image_encoder.trainable heads);
-covmatch replaces the unroll by vldd.covmatch's second-moment matching and reads no experts.
-The outer optimisation's parts live in vldd.outer.
+covmatch replaces the unroll by vldd.covmatch's second-moment matching and reads no experts;
+distill.phases runs the loop once per phase (vldd.phases). The outer loop's parts: vldd.outer.
 """
 from __future__ import annotations
 
@@ -27,14 +27,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import config
-from ..checkpoint import load_distiller, save_distiller
+from .. import config, phases
+from ..checkpoint import checkpoint_key, load_distiller, save_distiller
 from ..covmatch import CovMatch
 from ..engines import EngineOptions, Unroll, apply_backend, check_engine, meta_gradient
 from ..engines.memory import pick_engine
 from ..errors import VlddError
 from ..experts import data_fingerprint, load_experts
-from ..io import config_hash, open_h5, provenance, write_parquet
+from ..io import config_hash, provenance, write_parquet
 from ..model import build_model, logit_scale, resolve_device
 from ..pairset import PairSet, write_pairset
 from ..prepared import load_embeddings, load_prepared
@@ -125,7 +125,8 @@ class Distiller:
         if self.covmatch is not None:   # (model index, online steps) for (expert, start)
             return self.covmatch.segment(self.iteration, self.images, self.texts)
         e = self._next_expert()
-        start = int(self.rng.integers(0, int(self.cfg.max_start_epoch)))
+        start = int(self.rng.integers(int(self.cfg.min_start_epoch),
+                                      int(self.cfg.max_start_epoch)))
         lrs = [self._lr(i).clone().requires_grad_(True) for i in range(2)]
         terms = {}
         problem = self._problem(e, start, terms)
@@ -195,16 +196,14 @@ class Distiller:
         if self.ema is None:
             return (self.images.detach().cpu().numpy().copy(),     # (not a view on CPU)
                     self.texts.detach().cpu().numpy().copy(),
-                    [float(self._lr(i)) for i in range(2)], self._sim_state())
+                    [float(self._lr(i)) for i in range(2)],
+                    None if self.similarity is None else self.similarity.arrays())
         a = self.ema.arrays()
         lrs = [torch.as_tensor(a[k]) for k in ("lr_image", "lr_text")]   # as _lr computes
         lrs = [float(v.exp() if self.lr_space == "log" else v) for v in lrs]
         sim = (None if self.similarity is None else
                {k: a[k] for k in self.similarity.NAMES[self.similarity.kind]})
         return a["images"], a["texts"], lrs, sim
-
-    def _sim_state(self):
-        return None if self.similarity is None else self.similarity.arrays()
 
     def clipped(self, grads):
         """distill.clip applied to this iteration's meta-gradients (vldd.outer.clip)."""
@@ -297,48 +296,49 @@ class Distiller:
         return pd.DataFrame(self.curve, columns=CURVE_COLUMNS)
 
 
-def checkpoint_key(model_cfg, cfg, budget, expert_paths) -> str:
-    """What a checkpoint must match to be resumed: the settings, and the experts' own config
-    hash and data fingerprint (retrained experts invalidate it)."""
-    model_cfg = config.section("model", model_cfg).as_dict()
-    cfg = config.section("distill", cfg).as_dict()
-    ids = []
-    for p in expert_paths:
-        with open_h5(p, "trajectory") as f:
-            ids.append([str(f.attrs.get("config_sha256", "")), str(f.attrs.get("data_sha256", ""))])
-    return config_hash({"model": model_cfg, "distill": cfg, "budget": int(budget),
-                        "experts": [str(p) for p in expert_paths], "expert_ids": ids})
+def run_phase(data_dir, embeddings_path, model_cfg, phase, device, last: bool):
+    """Run (or resume) one phase to its end: its pair set and curve. A phase before the last
+    leaves its finished state in its checkpoint, so a rerun after a later phase was killed
+    does not redo it."""
+    cfg = config.section("distill", phase.cfg)
+    key = checkpoint_key(model_cfg, cfg, phase.budget, phase.experts)
+    d = Distiller(data_dir, embeddings_path, phase.experts, model_cfg, cfg, phase.budget, device)
+    saved = load_distiller(d, phase.checkpoint, key)
+    name = f"distill {cfg.method}" + (f" phase {phase.index}" if phase.index or not last else "")
+    bar = Progress(cfg.iterations, f"{name} n{phase.budget}", start=d.iteration, log=log)
+    while d.iteration < cfg.iterations:
+        loss = d.iterate(saved and phase.checkpoint.exists())
+        bar.update(1, matching_loss=float(loss), lr_image=float(d.lr_img),
+                   lr_text=float(d.lr_txt))
+        every = cfg.checkpoint_every
+        if (every and d.iteration % every == 0 and d.iteration < cfg.iterations) or \
+                (not last and d.iteration == cfg.iterations):
+            save_distiller(d, phase.checkpoint, key)
+            saved = True
+    for t in d.experts:
+        t.close()
+    return d.pairset(), d.curve_frame()
 
 
 def distill(data_dir, embeddings_path, expert_paths, model, cfg, budget, out_pairs,
             out_curve, checkpoint=None, device="auto"):
     """Run (or resume) a distillation and write the pair set and the loss/lr curve: the
-    paper's loop, one iteration per pass. `model` and `cfg` are the model and distill
-    sections (vldd.config's typed objects, or dicts)."""
+    paper's loop, one iteration per pass; with distill.phases, one such run per phase
+    (vldd.phases). `model` and `cfg` are the model and distill sections (vldd.config's typed
+    objects, or dicts)."""
     model_cfg = config.section("model", model).as_dict()
     cfg = config.section("distill", cfg)
     section = {"model": model_cfg, "distill": cfg.as_dict(), "budget": int(budget),
                "experts": [str(p) for p in expert_paths]}
-    key = checkpoint_key(model_cfg, cfg, budget, expert_paths)
-    d = Distiller(data_dir, embeddings_path, expert_paths, model_cfg, cfg, budget, device)
     checkpoint = Path(checkpoint) if checkpoint else Path(str(out_pairs) + ".ckpt.h5")
-    saved = load_distiller(d, checkpoint, key)
-    bar = Progress(cfg.iterations, f"distill {cfg.method} n{budget}", start=d.iteration,
-                   log=log)
-    while d.iteration < cfg.iterations:
-        loss = d.iterate(saved and checkpoint.exists())
-        bar.update(1, matching_loss=float(loss), lr_image=float(d.lr_img),
-                   lr_text=float(d.lr_txt))
-        every = cfg.checkpoint_every
-        if every and d.iteration % every == 0 and d.iteration < cfg.iterations:
-            save_distiller(d, checkpoint, key)
-            saved = True
+    plan = phases.plan(cfg, budget, expert_paths, checkpoint)
+    done = [run_phase(data_dir, embeddings_path, model_cfg, p, device, p is plan[-1])
+            for p in plan]
     prov = provenance("pairset", section, seed=int(cfg.seed),
                       image_encoder=model_cfg["image_encoder"],
                       text_encoder=model_cfg["text_encoder"],
                       data_sha256=config_hash(data_fingerprint(data_dir, embeddings_path)))
-    write_pairset(out_pairs, d.pairset(), prov)
-    write_parquet(d.curve_frame(), out_curve, meta=prov)
-    for t in d.experts:
-        t.close()
-    checkpoint.unlink(missing_ok=True)
+    write_pairset(out_pairs, phases.merge([ps for ps, _ in done], budget), prov)
+    write_parquet(phases.join_curves([c for _, c in done]), out_curve, meta=prov)
+    for p in plan:
+        p.checkpoint.unlink(missing_ok=True)

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import config
+from .. import config, phases
 from ..errors import VlddError
 from ..experts import data_fingerprint
 from ..io import config_hash, provenance, write_parquet
@@ -50,22 +50,23 @@ def r_mean(metrics: dict) -> float:
     return float(np.mean([metrics[k] for k in METRIC_ORDER]))
 
 
-def eval_lrs(ps, eval_cfg, path="pair set"):
-    """The lrs to train on a pair set: learned ones when the set has them (and config wants
-    them), else the configured default (coresets; covmatch's distilled sets, which learn no
-    lrs). The seed code used the image lr for both encoders.
+def eval_lrs(ps, eval_cfg, path="pair set", stored=None):
+    """The lrs to train on a pair set (or on one of its phases, whose lrs are `stored`):
+    learned ones when the set has them (and config wants them), else the configured default
+    (coresets; covmatch's distilled sets, which learn no lrs). The seed code used the image lr
+    for both encoders.
     Refuses learned lrs that are not finite and positive (a negative lr is gradient ascent)."""
     lr_img, lr_txt = float(eval_cfg.lr), float(eval_cfg.lr)
-    learned = eval_cfg.use_learned_lr and not (math.isnan(ps.lr_image)
-                                               and math.isnan(ps.lr_text))
-    if learned and not all(math.isfinite(v) and v > 0 for v in (ps.lr_image, ps.lr_text)):
-        raise VlddError(f"{path}: learned lrs lr_image {ps.lr_image:.4g}, lr_text "
-                        f"{ps.lr_text:.4g} are not finite and positive (training on it would "
+    mine_img, mine_txt = (ps.lr_image, ps.lr_text) if stored is None else stored
+    learned = eval_cfg.use_learned_lr and not (math.isnan(mine_img) and math.isnan(mine_txt))
+    if learned and not all(math.isfinite(v) and v > 0 for v in (mine_img, mine_txt)):
+        raise VlddError(f"{path}: learned lrs lr_image {mine_img:.4g}, lr_text "
+                        f"{mine_txt:.4g} are not finite and positive (training on it would "
                         "diverge or ascend the loss). Redistill with distill.lr_min > 0, or "
                         "evaluate with evaluate.use_learned_lr: false.")
     if learned:
-        lr_img = ps.lr_image
-        lr_txt = ps.lr_image if eval_cfg.quirk_image_lr_for_both else ps.lr_text
+        lr_img = mine_img
+        lr_txt = mine_img if eval_cfg.quirk_image_lr_for_both else mine_txt
     return lr_img, lr_txt
 
 
@@ -102,11 +103,8 @@ def evaluate(data_dir, embeddings_path, pairset_path, model_section, eval_cfg, s
     feats = trunk_features(model.tower, images, dev, normalized=True)
     texts = torch.as_tensor(ps.texts).to(dev)
     lr_img, lr_txt = eval_lrs(ps, eval_cfg, pairset_path)
-    n = len(ps.images)
-    targets = None
-    if ps.loss == "wbce":   # LoRS: the weighted BCE against the learned S
-        targets = torch.as_tensor(ps.similarity_matrix()).to(dev)
     test = RealData(prepared, emb, model, "test", dev)
+    parts = phases.parts(ps)     # one part, or the phases of distill.phases in their order
     epochs = int(eval_cfg.epochs)
     best = {"epoch": None, "metrics": None}
 
@@ -114,7 +112,7 @@ def evaluate(data_dir, embeddings_path, pairset_path, model_section, eval_cfg, s
         """The seed code's model selection on the test split: test every k epochs (and
         before training), report the checkpoint with the best mean recall."""
         every = int(eval_cfg.quirk_test_every)
-        if epoch % every and epoch != epochs:
+        if epoch % every and epoch != epochs * len(parts):
             return
         m = test.recall(model)
         if best["metrics"] is None or r_mean(m) > r_mean(best["metrics"]):
@@ -123,18 +121,23 @@ def evaluate(data_dir, embeddings_path, pairset_path, model_section, eval_cfg, s
     quirk_best = bool(eval_cfg.quirk_best_test_checkpoint)
     if quirk_best:
         keep_best(0)
-    train_contrastive(model, feats, texts, torch.arange(n), torch.arange(n),
-                      epochs=epochs, lr_image=lr_img, lr_text=lr_txt,
-                      momentum=float(eval_cfg.momentum),
-                      weight_decay=float(eval_cfg.weight_decay),
-                      batch_size=int(eval_cfg.batch_size), logit_scale=logit_scale(model_cfg),
-                      seed=seed, on_epoch_end=keep_best if quirk_best else None,
-                      progress=f"evaluate {ps.kind}-{ps.method} n{ps.budget} seed {seed}",
-                      targets=targets)
+    for i, (ids, stored, block) in enumerate(parts):   # LoRS: the weighted BCE against S
+        ids = torch.as_tensor(ids)
+        lrs = eval_lrs(ps, eval_cfg, pairset_path, stored)
+        train_contrastive(model, feats, texts, ids, ids, epochs=epochs, lr_image=lrs[0],
+                          lr_text=lrs[1], momentum=float(eval_cfg.momentum),
+                          weight_decay=float(eval_cfg.weight_decay),
+                          batch_size=int(eval_cfg.batch_size),
+                          logit_scale=logit_scale(model_cfg), seed=phases.phase_seed(seed, i),
+                          on_epoch_end=(lambda e, _l, o=i * epochs: keep_best(o + e))
+                          if quirk_best else None,
+                          progress=f"evaluate {ps.kind}-{ps.method} n{ps.budget} seed {seed}"
+                          + (f" phase {i}" if len(parts) > 1 else ""),
+                          targets=None if block is None else torch.as_tensor(block).to(dev))
     if quirk_best:
         metrics, reported = best["metrics"], best["epoch"]
     else:
-        metrics, reported = test.recall(model), epochs
+        metrics, reported = test.recall(model), epochs * len(parts)
     log.info("%s %s n=%d seed=%d epoch %d: %s", ps.kind, ps.method, ps.budget, seed, reported,
              " ".join(f"{k}={metrics[k]:.2f}" for k in METRIC_ORDER))
     method = f"{'distilled' if ps.kind == 'distilled' else 'coreset'}-{ps.method}"
