@@ -1,7 +1,7 @@
 """Time and peak memory per distillation iteration of each method (benchmarks/unroll.py
 --method), as a table for benchmarks/methods.md.
 
-    python benchmarks/methods_cost.py [--trainable heads] [--methods mtt,lors,repblend]
+    python benchmarks/methods_cost.py [--trainable heads] [--methods mtt,lors,repblend,ptmst,covmatch]
                                       [--engines exact,checkpointed,constant-memory]
 
 Runs `benchmarks/unroll.py --method M --trainable T --sweep none --engines E` for each method
@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--trainable", default="heads")
-    p.add_argument("--methods", default="mtt,lors,repblend")
+    p.add_argument("--methods", default="mtt,lors,repblend,ptmst,covmatch")
     p.add_argument("--engines", default="exact,checkpointed,constant-memory")
     p.add_argument("--unroll-args", default="", help="more options of unroll.py (e.g. --quick)")
     a = p.parse_args(argv)

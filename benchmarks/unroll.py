@@ -242,11 +242,14 @@ def parse(argv=None):
                    help="largest syn_steps of the sweep run with the reference (16: on CPU "
                         "at 64 px it needs ~0.3 GB more per step)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
-    p.add_argument("--method", default="mtt", choices=["mtt", "lors", "repblend", "covmatch"],
+    p.add_argument("--method", default="mtt",
+                   choices=["mtt", "lors", "repblend", "ptmst", "covmatch"],
                    help="the inner problem of distill.method: mtt (InfoNCE), lors (WBCE against "
                         "a learned low-rank S, rank 10, alpha 3, moved off the identity; its "
                         "gradient is the fifth leaf), repblend (lors plus representation "
-                        "blending; its paper's model is --trainable heads), covmatch (no "
+                        "blending; its paper's model is --trainable heads), ptmst (lors with a full "
+                        "S, moved off the identity; its shortcut trajectories and moving "
+                        "average cost nothing per iteration), covmatch (no "
                         "unroll: one iteration of vldd.covmatch on the distilled pairs and "
                         "256 real pairs, engine 'closed-form'; no gradient check). The "
                         "reference engine runs mtt only")

@@ -95,14 +95,15 @@ class Setup:
         if dtype != torch.float32 and self.method != "mtt":
             raise SystemExit("--check-dtype float64 is for --method mtt")
         self.similarity = None
-        if self.method != "mtt":     # LoRS's S, moved off the identity (R = 0 at the start)
+        if self.method != "mtt":     # LoRS's S (PTM-ST's full), moved off the identity
             from vldd.similarity import Similarity
-            self.similarity = Similarity.identity(len(self.texts), "lowrank", 10, 3.0, seed=0,
+            kind = "full" if self.method == "ptmst" else "lowrank"
+            self.similarity = Similarity.identity(len(self.texts), kind, 10, 3.0, seed=0,
                                                   device=self.dev)
-            with torch.no_grad():
-                right = self.similarity.params[2]
-                right.copy_(0.05 * torch.randn(right.shape,
-                                               generator=torch.Generator().manual_seed(1)))
+            with torch.no_grad():    # R (0 at the start) or the full matrix
+                moved = self.similarity.params[-1]
+                moved.add_(0.05 * torch.randn(moved.shape,
+                                              generator=torch.Generator().manual_seed(1)))
             self.similarity.requires_grad_(True)
 
         if self.method == "covmatch":    # its online model, on the problem's real pairs

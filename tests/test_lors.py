@@ -88,6 +88,40 @@ def test_a_pair_set_whose_similarity_is_the_identity_evaluates_as_one_without(st
     # the next test shows that they differ)
 
 
+def test_evaluate_loss_chooses_the_loss_whatever_the_set_holds(store, tmp_path, monkeypatch):
+    """evaluate.loss: auto trains a learned S with the weighted BCE and a set without S with
+    InfoNCE; infonce ignores a learned S (as the same pairs without it); wbce trains a set
+    without S on the identity."""
+    import vldd.train
+    from vldd.stages.select_coreset import select_coreset
+
+    plain = tmp_path / "plain.h5"
+    select_coreset(store / "data", store / "emb.h5", MODEL, "random", 6, 0, plain)
+    moved = {**Similarity.identity(6, "lowrank", rank=2, seed=0).arrays(),
+             "right": np.full((6, 2), 0.3, np.float32)}
+    learned = _with_similarity(plain, tmp_path / "learned.h5", moved)
+    seen = []
+    real = vldd.train.wbce_loss
+    monkeypatch.setattr(vldd.train, "wbce_loss",
+                        lambda i, t, s, targets: seen.append(targets.clone()) or real(i, t, s, targets))
+    got = {}
+    for name, path, loss in (("plain", plain, "auto"), ("learned", learned, "auto"),
+                             ("dropped", learned, "infonce"), ("identity", plain, "wbce")):
+        seen.clear()
+        evaluate(store / "data", store / "emb.h5", path, MODEL,
+                 {**EVAL, "epochs": 2, "batch_size": 6, "loss": loss}, 0,
+                 tmp_path / f"{name}.parquet", device="cpu")
+        got[name] = (pd.read_parquet(tmp_path / f"{name}.parquet"), list(seen))
+    assert got["plain"][1] == [] and got["dropped"][1] == []
+    assert len(got["learned"][1]) == 2 and len(got["identity"][1]) == 2      # 1 batch x 2 epochs
+    assert all(torch.equal(t, torch.eye(6)) for t in got["identity"][1])
+    s = torch.as_tensor(read_pairset(learned).similarity_matrix())
+    # each batch holds all 6 pairs in some order: S's entries, permuted
+    assert all(torch.equal(t.flatten().sort()[0], s.flatten().sort()[0])
+               for t in got["learned"][1])
+    pd.testing.assert_frame_equal(got["dropped"][0], got["plain"][0], check_exact=True)
+
+
 def test_training_on_the_identity_with_wbce_differs_from_infonce():
     """The weighted BCE is another loss than InfoNCE even on identity targets: evaluate must
     not use it for sets without a learned S (the test above shows it does not)."""

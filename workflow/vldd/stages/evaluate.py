@@ -122,6 +122,8 @@ def evaluate(data_dir, embeddings_path, pairset_path, model_section, eval_cfg, s
     if quirk_best:
         keep_best(0)
     for i, (ids, stored, block) in enumerate(parts):   # LoRS: the weighted BCE against S
+        if eval_cfg.loss == "infonce" or (eval_cfg.loss == "wbce" and block is None):
+            block = None if eval_cfg.loss == "infonce" else np.eye(len(ids), dtype=np.float32)
         ids = torch.as_tensor(ids)
         lrs = eval_lrs(ps, eval_cfg, pairset_path, stored)
         train_contrastive(model, feats, texts, ids, ids, epochs=epochs, lr_image=lrs[0],
