@@ -17,6 +17,7 @@
 #   NUMERICS  "native" and/or "default" (ATEN_CPU_CAPABILITY=default); default "native default"
 #   OUT       default benchmarks/methods.md
 #   CORES     snakemake's cores, default 2
+#   ITERATIONS distill.iterations of every method but covmatch (default: config.yaml's, 150)
 # Needs snakemake and vldd on PATH (make run builds .venv; then PATH=$PWD/.venv/bin:$PATH).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,13 +45,15 @@ for method in $METHODS; do
     # measured on a new real batch every iteration, so the best window is noise), and the
     # statistics of what the trained heads read (features encoder; joint with last:1)
     extra=""
+    [ -n "${ITERATIONS:-}" ] && [ "$method" != covmatch ] && extra="  iterations: $ITERATIONS"
     [ "$method" = covmatch ] && extra="  iterations: 300
   select: last
   covmatch: {features: $FEATURES, real_batch: 1024}"
     # ptmst: PTM-ST's 100-pair script (one phase): LoRS with a full S, the shortcut
     # trajectories of the experts' epochs 0-12 (the segments of config/emoji.yaml, starts
     # below 8 with 4-epoch targets, end by epoch 11) and an EMA (0.99) of the distilled tensors
-    [ "$method" = ptmst ] && extra="  shortcut: [0, 12]
+    [ "$method" = ptmst ] && extra="$extra
+  shortcut: [0, 12]
   ema: 0.99
   lors: {similarity: full}"
     cat > "$WORK/$method.yaml" <<YAML
@@ -85,6 +88,7 @@ command="benchmarks/methods.sh DATA_DIR"
 [ "$NUMERICS" != "native default" ] && command="NUMERICS=\"$NUMERICS\" $command"
 [ "$METHODS" != "mtt lors repblend ptmst covmatch" ] && command="METHODS=\"$METHODS\" $command"
 [ "$TRAINABLE" != heads ] && command="TRAINABLE=$TRAINABLE $command"
+[ -n "${ITERATIONS:-}" ] && command="ITERATIONS=$ITERATIONS $command"
 [ "$OUT" != benchmarks/methods.md ] && command="OUT=$OUT $command"
 LOADS="$load_start at the start, $(cut -d' ' -f1 /proc/loadavg 2>/dev/null || echo "?") at the end, on $(nproc) cores" \
     python benchmarks/methods_report.py "$WORK" "$secs" "$(git rev-parse --short HEAD)" \

@@ -100,7 +100,9 @@ def main():
            + (" PTM-ST (`ptmst`) is LoRS with a full S, matched to the shortcut "
               "trajectories of the experts' epochs 0-12 (rule shortcut_expert), and saves the "
               "moving average (decay 0.99) of its tensors." if "ptmst" in methods else "")
-           + (" CovMatch runs 300 iterations (the others 150) with select last and "
+           + (f" Every method but CovMatch runs {os.environ['ITERATIONS']} iterations "
+              "(methods.sh's ITERATIONS)." if os.environ.get("ITERATIONS") else "")
+           + (" CovMatch runs 300 iterations (the others 150 unless said) with select last and "
               "covmatch.real_batch 1024 (methods.sh writes them into its config); its sets "
               "learn no lrs and train with evaluate.lr." if "covmatch" in methods else ""), ""]
     for path in paths:
