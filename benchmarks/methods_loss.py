@@ -4,6 +4,7 @@ ignored: evaluate.loss infonce) and once with the weighted BCE (against its S, o
 for a set without one: evaluate.loss wbce), with the evaluation seeds and settings of the run.
 
     python benchmarks/methods_loss.py WORKDIR [--methods mtt,lors,repblend,ptmst] [--out FILE]
+                                      [--threads N]
 
 WORKDIR is methods.sh's (one folder per numeric path, native and/or default); each path is
 evaluated in a process of its own (default: ATEN_CPU_CAPABILITY=default). Prints a markdown
@@ -42,11 +43,15 @@ def sets(results: Path, methods):
     return out
 
 
-def child(path_dir: Path, methods, out_json: Path):
+def child(path_dir: Path, methods, out_json: Path, threads: int):
     """Evaluate every set of one numeric path with each loss; write the TR@1 / IR@1 rows."""
+    import torch
+
     from vldd.io import read_parquet_meta
     from vldd.stages.evaluate import evaluate
 
+    if threads:
+        torch.set_num_threads(threads)
     results = path_dir / "results"
     rows = []
     with_tmp = path_dir / "methods_loss"
@@ -112,11 +117,12 @@ def main(argv=None):
     p.add_argument("workdir", type=Path)
     p.add_argument("--methods", default="mtt,lors,repblend,ptmst")
     p.add_argument("--out", type=Path)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     methods = a.methods.split(",")
     if a.child:
-        child(a.workdir, methods, a.child)
+        child(a.workdir, methods, a.child, a.threads)
         return
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from emoji_report import cpu_model
@@ -131,13 +137,14 @@ def main(argv=None):
             env["ATEN_CPU_CAPABILITY"] = "default"
         out = folder / "methods_loss.json"
         subprocess.run([sys.executable, __file__, str(folder), "--methods", a.methods,
-                        "--child", str(out)], env=env, check=True)
+                        "--threads", str(a.threads), "--child", str(out)], env=env, check=True)
         lines += section(path, pd.DataFrame(json.loads(out.read_text())), methods)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=Path(__file__).parent).stdout.strip()
     secs = int(time.time() - start)
     head = ["# The loss and S: each distilled set trained with InfoNCE and with the weighted BCE",
-            "", f"`python benchmarks/methods_loss.py WORKDIR --methods {a.methods}` on the "
+            "", f"`python benchmarks/methods_loss.py WORKDIR --methods {a.methods}"
+            + (f" --threads {a.threads}" if a.threads else "") + "` on the "
             "workdir of the benchmarks/methods.sh run in benchmarks/methods.md; run "
             f"{pd.Timestamp.now():%Y-%m-%d} on {os.cpu_count()} CPU cores ({cpu_model()}), no "
             f"GPU, git {commit}: {secs // 60} min {secs % 60} s.", "",
