@@ -4,7 +4,7 @@ ignored: evaluate.loss infonce) and once with the weighted BCE (against its S, o
 for a set without one: evaluate.loss wbce), with the evaluation seeds and settings of the run.
 
     python benchmarks/methods_loss.py WORKDIR [--methods mtt,lors,repblend,ptmst] [--out FILE]
-                                      [--threads N]
+                                      [--threads N] [--run REPORT]
 
 WORKDIR is methods.sh's (one folder per numeric path, native and/or default); each path is
 evaluated in a process of its own (default: ATEN_CPU_CAPABILITY=default). Prints a markdown
@@ -118,6 +118,8 @@ def main(argv=None):
     p.add_argument("--methods", default="mtt,lors,repblend,ptmst")
     p.add_argument("--out", type=Path)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--run", default="benchmarks/methods.md",
+                   help="the report of the methods.sh run whose WORKDIR this is (for the header)")
     p.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     methods = a.methods.split(",")
@@ -144,8 +146,9 @@ def main(argv=None):
     secs = int(time.time() - start)
     head = ["# The loss and S: each distilled set trained with InfoNCE and with the weighted BCE",
             "", f"`python benchmarks/methods_loss.py WORKDIR --methods {a.methods}"
-            + (f" --threads {a.threads}" if a.threads else "") + "` on the "
-            "workdir of the benchmarks/methods.sh run in benchmarks/methods.md; run "
+            + (f" --threads {a.threads}" if a.threads else "")
+            + (f" --run {a.run}" if a.run != "benchmarks/methods.md" else "") + "` on the "
+            f"workdir of the benchmarks/methods.sh run in {a.run}; run "
             f"{pd.Timestamp.now():%Y-%m-%d} on {os.cpu_count()} CPU cores ({cpu_model()}), no "
             f"GPU, git {commit}: {secs // 60} min {secs % 60} s.", "",
             "Recall in percent; a seed's figure is the mean over the run's 3 evaluation seeds; "

@@ -125,7 +125,7 @@ def test_evaluate_loss_chooses_the_loss_whatever_the_set_holds(store, tmp_path, 
 def test_training_on_the_identity_with_wbce_differs_from_infonce():
     """The weighted BCE is another loss than InfoNCE even on identity targets: evaluate must
     not use it for sets without a learned S (the test above shows it does not)."""
-    from vldd.train import _train_epoch
+    from vldd.train import train_epoch
 
     out = []
     for targets in (None, torch.eye(4)):
@@ -135,8 +135,8 @@ def test_training_on_the_identity_with_wbce_differs_from_infonce():
         opt = torch.optim.SGD([*tail.parameters(), *head.parameters()], lr=0.5)
         g = torch.Generator().manual_seed(1)
         feats, texts = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
-        _train_epoch(model, opt, torch.arange(4), feats, texts, torch.arange(4),
-                     torch.arange(4), 4, 5.0, None, targets)
+        train_epoch(model, opt, torch.arange(4), feats, texts, torch.arange(4),
+                    torch.arange(4), 4, 5.0, None, targets)
         out.append(torch.cat([p.detach().flatten() for p in (*tail.parameters(),
                                                               *head.parameters())]))
     assert not torch.allclose(out[0], out[1])

@@ -34,7 +34,7 @@ from .errors import VlddError
 from .io import h5_dataset
 from .model import build_model, logit_scale
 from .realdata import RealData
-from .train import _optimizer, _train_epoch, train_mode
+from .train import sgd_optimizer, train_epoch, train_mode
 from .trajectory import flatten
 
 
@@ -86,8 +86,8 @@ class CovMatch:
         seed = int(np.random.SeedSequence([int(self.cfg.seed), k]).generate_state(1)[0] >> 1)
         with torch.random.fork_rng(devices=[]):   # build_model seeds the global generator
             self.model = build_model(self.model_cfg, self.text_dim, seed).to(self.dev)
-        self.opt = _optimizer(self.model, float(self.c.lr_image), float(self.c.lr_text),
-                              float(self.c.momentum), 0.0)
+        self.opt = sgd_optimizer(self.model, float(self.c.lr_image), float(self.c.lr_text),
+                                 float(self.c.momentum), 0.0)
         self.resets = k
 
     def _batch(self):
@@ -123,8 +123,8 @@ class CovMatch:
         grads = torch.autograd.grad(loss, [images, texts])
         for _ in range(int(self.c.online_steps) if joint else 0):
             train_mode(m)
-            _train_epoch(m, self.opt, self._batch(), real.feats, real.texts, real.pair_img,
-                         real.pair_txt, int(self.c.real_batch), self.scale, None)
+            train_epoch(m, self.opt, self._batch(), real.feats, real.texts, real.pair_img,
+                        real.pair_txt, int(self.c.real_batch), self.scale, None)
             self.steps += 1
         return k, self.steps, float(loss.detach()), terms, [*grads, None, None]
 

@@ -46,7 +46,7 @@ def train_contrastive(model: DualEncoder, img_feats, texts, pair_img, pair_txt, 
     """
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout in the head
-    opt = _optimizer(model, lr_image, lr_text, momentum, weight_decay)
+    opt = sgd_optimizer(model, lr_image, lr_text, momentum, weight_decay)
     pair_img = torch.as_tensor(pair_img)
     _check_pairs(pair_img, batch_size)
     first = 1 if checkpoint is None else checkpoint.restore(opt, gen) + 1
@@ -54,8 +54,8 @@ def train_contrastive(model: DualEncoder, img_feats, texts, pair_img, pair_txt, 
     for epoch in range(first, epochs + 1):
         train_mode(model)
         order = _epoch_order(pair_img, gen, per_image)
-        mean_loss = _train_epoch(model, opt, order, img_feats, texts, pair_img, pair_txt,
-                                 batch_size, logit_scale, on_batch, targets)
+        mean_loss = train_epoch(model, opt, order, img_feats, texts, pair_img, pair_txt,
+                                batch_size, logit_scale, on_batch, targets)
         if not np.isfinite(mean_loss):
             raise VlddError(f"training diverged at epoch {epoch} (loss {mean_loss}); lower the "
                             f"learning rates (image {lr_image}, text {lr_text}).")
@@ -70,7 +70,7 @@ def train_contrastive(model: DualEncoder, img_feats, texts, pair_img, pair_txt, 
     return model
 
 
-def _optimizer(model: DualEncoder, lr_image, lr_text, momentum, weight_decay):
+def sgd_optimizer(model: DualEncoder, lr_image, lr_text, momentum, weight_decay):
     """SGD over the tail's trained parameters (when it has any) at lr_image and the head's
     at lr_text."""
     groups = []
@@ -100,8 +100,8 @@ def _epoch_order(pair_img: torch.Tensor, gen: torch.Generator, per_image: bool):
     return order
 
 
-def _train_epoch(model: DualEncoder, opt, order, img_feats, texts, pair_img, pair_txt,
-                 batch_size, logit_scale, on_batch, targets=None):
+def train_epoch(model: DualEncoder, opt, order, img_feats, texts, pair_img, pair_txt,
+                batch_size, logit_scale, on_batch, targets=None):
     """One SGD step per batch of `order`; the epoch's mean loss (nan when no batch ran)."""
     losses = []
     for start in range(0, len(order), batch_size):
