@@ -4,6 +4,9 @@ at the start (the pair set's /init) and in the saved set. Images: the features t
 parts read (the frozen trunk's output, pooled over space when it is a map); texts: the
 sentence embeddings. RepBlend's paper reports the intra-modal similarity of LoRS's distilled
 data rising during distillation (0.512 -> 0.522 over 3000 iterations) and blending as its cure.
+Beside it, the learned similarity matrix S of each set (LoRS's soft targets, which the weighted
+BCE can only meet inside [0, 1]): its diagonal's mean and range, its off-diagonal entries'
+standard deviation and the share of them above 0.5.
 
     python benchmarks/collapse.py WORKDIR [--methods lors,repblend] [--out FILE] [--run REPORT]
 
@@ -37,6 +40,23 @@ def mean_offdiag_cosine(x) -> float:
     return float((gram.sum() - gram.diagonal().sum()) / (n * (n - 1)))
 
 
+def similarity_matrix(group) -> np.ndarray:
+    """S from a pair set's /similarity group (full: the matrix; lowrank: diag(a) +
+    (alpha / r) L R^T)."""
+    if "matrix" in group:
+        return group["matrix"][()].astype(np.float64)
+    a, left, right = (group[k][()].astype(np.float64) for k in ("diag", "left", "right"))
+    return np.diag(a) + float(group.attrs["alpha"]) / left.shape[1] * left @ right.T
+
+
+def similarity_stats(s: np.ndarray) -> dict:
+    off = s[~np.eye(len(s), dtype=bool)]
+    d = np.diag(s)
+    return {"s_diag_mean": float(d.mean()), "s_diag_min": float(d.min()),
+            "s_diag_max": float(d.max()), "s_off_std": float(off.std()),
+            "s_off_above_half": float((off > 0.5).mean())}
+
+
 def child(path_dir: Path, methods, out_json: Path):
     """The four similarities of every set of one numeric path, as JSON rows."""
     import h5py
@@ -53,6 +73,8 @@ def child(path_dir: Path, methods, out_json: Path):
                     cfg = json.loads(h.attrs["config_json"])
                     arrays = {k: h[k][()] for k in ("images", "init/images", "texts",
                                                     "init/texts")}
+                    sim = (similarity_stats(similarity_matrix(h["similarity"]))
+                           if "similarity" in h else {})
                 key = json.dumps(cfg["model"], sort_keys=True)
                 if key not in towers:
                     towers[key] = build_model(cfg["model"], arrays["texts"].shape[1], 0).tower
@@ -68,7 +90,7 @@ def child(path_dir: Path, methods, out_json: Path):
                              "image_init": mean_offdiag_cosine(feats(arrays["init/images"])),
                              "image": mean_offdiag_cosine(feats(arrays["images"])),
                              "text_init": mean_offdiag_cosine(arrays["init/texts"]),
-                             "text": mean_offdiag_cosine(arrays["texts"])})
+                             "text": mean_offdiag_cosine(arrays["texts"]), **sim})
     out_json.write_text(json.dumps(rows))
 
 
@@ -80,8 +102,9 @@ def _ms(values) -> str:
 def section(name: str, rows: list, methods) -> list[str]:
     lines = [f"### {name}", "",
              "| method | seeds | image: start | image: saved | image: saved - start, per seed "
-             "| text: start | text: saved | text: saved - start, per seed |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| text: start | text: saved | text: saved - start, per seed | S: diagonal mean "
+             "(range) | S: off-diagonal std | S: off-diagonal above 0.5 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for method in methods:
         mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["seed"])
         if not mine:
@@ -92,6 +115,14 @@ def section(name: str, rows: list, methods) -> list[str]:
             saved = [r[m] for r in mine]
             cells += [_ms(start), _ms(saved),
                       ", ".join(f"{b - a:+.3f}" for a, b in zip(start, saved))]
+        if all("s_diag_mean" in r for r in mine):
+            cells += [f"{np.mean([r['s_diag_mean'] for r in mine]):.2f} "
+                      f"({min(r['s_diag_min'] for r in mine):.2f} to "
+                      f"{max(r['s_diag_max'] for r in mine):.2f})",
+                      _ms([r["s_off_std"] for r in mine]),
+                      ", ".join(f"{100 * r['s_off_above_half']:.1f}%" for r in mine)]
+        else:
+            cells += ["no S"] * 3
         lines.append(f"| {method} | {len(mine)} | " + " | ".join(cells) + " |")
     return lines + [""]
 
@@ -136,7 +167,9 @@ def main(argv=None):
             "Mean cosine similarity between distinct pairs within a modality (image: the "
             "frozen trunk's pooled features; text: the sentence embeddings), at the start of "
             "distillation (the pair set's /init) and in the saved set; mean +- std over the "
-            "distillation seeds.", ""]
+            "distillation seeds. S: the saved set's similarity matrix (the identity at the "
+            "start); its diagonal's mean over the seeds and range over all their entries, "
+            "and per seed the share of off-diagonal entries above 0.5.", ""]
     report = "\n".join(head + lines)
     print(report)
     if a.out:
