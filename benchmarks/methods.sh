@@ -51,12 +51,11 @@ for method in $METHODS; do
   covmatch: {features: $FEATURES, real_batch: 1024}"
     # ptmst: PTM-ST's 100-pair script (one phase): LoRS with a full S, the shortcut
     # trajectories of the experts' epochs 0-12 (the segments of config/emoji.yaml, starts
-    # below 8 with 4-epoch targets, end by epoch 11) and an EMA (0.99) of the distilled tensors;
-    # S's lr 0.03, at which methods.md measured it (config.yaml's 0.003 not run for ptmst yet)
+    # below 8 with 4-epoch targets, end by epoch 11) and an EMA (0.99) of the distilled tensors
     [ "$method" = ptmst ] && extra="$extra
   shortcut: [0, 12]
   ema: 0.99
-  lors: {similarity: full, lr_sim: 0.03}"
+  lors: {similarity: full}"
     cat > "$WORK/$method.yaml" <<YAML
 dataset:
   karpathy: {annotations: '$DATA/dataset_emoji.json', image_root: '$DATA'}
