@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,16 +39,9 @@ def mean_offdiag_cosine(x) -> float:
     return float((gram.sum() - gram.diagonal().sum()) / (n * (n - 1)))
 
 
-def similarity_matrix(group) -> np.ndarray:
-    """S from a pair set's /similarity group (full: the matrix; lowrank: diag(a) +
-    (alpha / r) L R^T)."""
-    if "matrix" in group:
-        return group["matrix"][()].astype(np.float64)
-    a, left, right = (group[k][()].astype(np.float64) for k in ("diag", "left", "right"))
-    return np.diag(a) + float(group.attrs["alpha"]) / left.shape[1] * left @ right.T
-
-
 def similarity_stats(s: np.ndarray) -> dict:
+    """S's diagonal (mean, range) and off-diagonal entries (std, share above 0.5)."""
+    s = s.astype(np.float64)
     off = s[~np.eye(len(s), dtype=bool)]
     d = np.diag(s)
     return {"s_diag_mean": float(d.mean()), "s_diag_min": float(d.min()),
@@ -59,25 +51,23 @@ def similarity_stats(s: np.ndarray) -> dict:
 
 def child(path_dir: Path, methods, out_json: Path):
     """The four similarities of every set of one numeric path, as JSON rows."""
-    import h5py
     import torch
 
     from vldd.model import build_model, trunk_features
+    from vldd.pairset import read_pairset
 
     rows, towers = [], {}
     for method in methods:
         for suffix in SEEDS:
             for pairs in sorted(path_dir.glob(f"results/*/distilled/*/{method}{suffix}/n*/"
                                               "pairs.h5")):
-                with h5py.File(pairs, "r") as h:
-                    cfg = json.loads(h.attrs["config_json"])
-                    arrays = {k: h[k][()] for k in ("images", "init/images", "texts",
-                                                    "init/texts")}
-                    sim = (similarity_stats(similarity_matrix(h["similarity"]))
-                           if "similarity" in h else {})
+                ps = read_pairset(pairs)
+                cfg = json.loads(ps.attrs["config_json"])
+                s = ps.similarity_matrix()
+                sim = {} if s is None else similarity_stats(s)
                 key = json.dumps(cfg["model"], sort_keys=True)
                 if key not in towers:
-                    towers[key] = build_model(cfg["model"], arrays["texts"].shape[1], 0).tower
+                    towers[key] = build_model(cfg["model"], ps.texts.shape[1], 0).tower
                 tower = towers[key]
                 tower.trunk.eval()
 
@@ -87,10 +77,10 @@ def child(path_dir: Path, methods, out_json: Path):
                                            normalized=True)
                     return f.mean(dim=(2, 3)) if f.dim() == 4 else f
                 rows.append({"method": method, "seed": suffix or "_s0",
-                             "image_init": mean_offdiag_cosine(feats(arrays["init/images"])),
-                             "image": mean_offdiag_cosine(feats(arrays["images"])),
-                             "text_init": mean_offdiag_cosine(arrays["init/texts"]),
-                             "text": mean_offdiag_cosine(arrays["texts"]), **sim})
+                             "image_init": mean_offdiag_cosine(feats(ps.init_images)),
+                             "image": mean_offdiag_cosine(feats(ps.images)),
+                             "text_init": mean_offdiag_cosine(ps.init_texts),
+                             "text": mean_offdiag_cosine(ps.texts), **sim})
     out_json.write_text(json.dumps(rows))
 
 
@@ -142,28 +132,20 @@ def main(argv=None):
         return
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from emoji_report import cpu_model
+    from methods_loss import each_path, short_commit
 
     start, lines = time.time(), []
-    for path in ("native", "default"):
-        folder = a.workdir / path
-        if not folder.is_dir():
-            continue
-        env = dict(os.environ)
-        if path == "default":
-            env["ATEN_CPU_CAPABILITY"] = "default"
-        out = folder / "collapse.json"
-        subprocess.run([sys.executable, __file__, str(folder), "--methods", a.methods,
-                        "--child", str(out)], env=env, check=True)
-        lines += section(path, json.loads(out.read_text()), methods)
+    for path, rows in each_path(__file__, a.workdir, "collapse", ["--methods", a.methods]):
+        lines += section(path, rows, methods)
     if not lines:
         sys.exit(f"{a.workdir}: no native/ or default/ folder of a benchmarks/methods.sh run")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=Path(__file__).parent).stdout.strip()
+    commit = short_commit()
     secs = int(time.time() - start)
     head = ["# Modality collapse: the intra-modal similarity of the distilled pairs", "",
             f"`python benchmarks/collapse.py WORKDIR --methods {a.methods} --run {a.run}` on "
-            f"the workdir of the benchmarks/methods.sh run in {a.run}; run {time.strftime('%Y-%m-%d')} on {os.cpu_count()} "
-            f"CPU cores ({cpu_model()}), no GPU, git {commit}: {secs} s.", "",
+            f"the workdir of the benchmarks/methods.sh run in {a.run}; run "
+            f"{time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores ({cpu_model()}), no "
+            f"GPU, git {commit}: {secs} s.", "",
             "Mean cosine similarity between distinct pairs within a modality (image: the "
             "frozen trunk's pooled features; text: the sentence embeddings), at the start of "
             "distillation (the pair set's /init) and in the saved set; mean +- std over the "

@@ -112,6 +112,29 @@ def section(name: str, rows: pd.DataFrame, methods) -> list[str]:
     return lines + [""]
 
 
+def each_path(script, workdir: Path, name: str, args: list):
+    """(path, rows) for each numeric path folder (native, default) of a methods.sh WORKDIR:
+    `script` run again on it with `args` and --child in a process of its own on that path
+    (ATEN_CPU_CAPABILITY=default for default), its JSON rows (folder/<name>.json) read back."""
+    for path in ("native", "default"):
+        folder = workdir / path
+        if not folder.is_dir():
+            continue
+        env = dict(os.environ)
+        if path == "default":
+            env["ATEN_CPU_CAPABILITY"] = "default"
+        out = folder / f"{name}.json"
+        subprocess.run([sys.executable, str(script), str(folder), *args, "--child", str(out)],
+                       env=env, check=True)
+        yield path, json.loads(out.read_text())
+
+
+def short_commit() -> str:
+    """The benchmarks' checkout's HEAD, abbreviated."""
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, cwd=Path(__file__).parent).stdout.strip()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("workdir", type=Path)
@@ -130,19 +153,10 @@ def main(argv=None):
     from emoji_report import cpu_model
 
     start, lines = time.time(), []
-    for path in ("native", "default"):
-        folder = a.workdir / path
-        if not folder.is_dir():
-            continue
-        env = dict(os.environ)
-        if path == "default":
-            env["ATEN_CPU_CAPABILITY"] = "default"
-        out = folder / "methods_loss.json"
-        subprocess.run([sys.executable, __file__, str(folder), "--methods", a.methods,
-                        "--threads", str(a.threads), "--child", str(out)], env=env, check=True)
-        lines += section(path, pd.DataFrame(json.loads(out.read_text())), methods)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=Path(__file__).parent).stdout.strip()
+    for path, rows in each_path(__file__, a.workdir, "methods_loss",
+                                ["--methods", a.methods, "--threads", str(a.threads)]):
+        lines += section(path, pd.DataFrame(rows), methods)
+    commit = short_commit()
     secs = int(time.time() - start)
     head = ["# The loss and S: each distilled set trained with InfoNCE and with the weighted BCE",
             "", f"`python benchmarks/methods_loss.py WORKDIR --methods {a.methods}"
